@@ -1,0 +1,1 @@
+"""Glue between MISA and training frameworks (Hugging Face gradient checkpointing)."""

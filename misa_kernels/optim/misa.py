@@ -1,0 +1,513 @@
+"""The MISA optimizer: Module-wise Importance SAmpling (paper Algorithms 1 and 2)."""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..backward import AutogradBackward, BackwardPath
+from ..integrations.checkpointing import attach_input_grad_hooks
+from ..modules import ModuleFilter, Unit, discover_modules, find_block_list, group_by_layer
+from ..ops.backend import BACKENDS, resolve_backend
+from .sampling import STRATEGIES, draw_order, sampling_probabilities, select_within_budget
+from .scores import ScoreTracker
+
+logger = logging.getLogger("misa_kernels")
+
+MODES = ("finetune", "pretrain")
+GRANULARITIES = ("module", "layer")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class _ActiveSet:
+    """The tensors of the sampled units, ordered by param group, with device index maps."""
+
+    units: list[int]
+    params: list[nn.Parameter]
+    slots: list[int]
+    group_ranges: list[tuple[int, int, int]]  # (param group index, start, end)
+    slot_ids: Optional[Tensor] = None  # device: ``slots``
+    unit_ids: Optional[Tensor] = None  # device: global unit id of each active unit
+    local_unit: Optional[Tensor] = None  # device: position in ``unit_ids`` of each param
+    unit_numel: Optional[Tensor] = None  # device: |b| of each active unit
+
+
+_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "lr": (lambda v: v >= 0, "must be >= 0"),
+    "delta": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "eta": (lambda v: 0 <= v < math.inf, "must be a finite number >= 0"),
+    "inner_steps": (lambda v: isinstance(v, int) and v >= 1, "must be an int >= 1"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+    "eps": (lambda v: v >= 0, "must be >= 0"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "score_beta": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "mode": (lambda v: v in MODES, f"must be one of {MODES}"),
+    "strategy": (lambda v: v in STRATEGIES, f"must be one of {STRATEGIES}"),
+    "granularity": (lambda v: v in GRANULARITIES, f"must be one of {GRANULARITIES}"),
+    "backend": (lambda v: v in BACKENDS, f"must be one of {BACKENDS}"),
+    "sweep_steps": (lambda v: isinstance(v, int) and v >= 1, "must be an int >= 1"),
+    "max_logit": (lambda v: v > 0, "must be > 0"),
+}
+
+
+def _check_args(**values) -> None:
+    """Raise ``ValueError`` (or ``TypeError`` for a value of the wrong type) naming the argument."""
+    for name, value in values.items():
+        rule, text = _RULES[name]
+        try:
+            ok = rule(value)
+        except TypeError:
+            raise TypeError(f"{name} {text}, got {value!r} ({type(value).__name__})") from None
+        if not ok:
+            raise ValueError(f"{name} {text}, got {value!r}")
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    seen, params = set(), []
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            params.append(param)
+    return params
+
+
+class MISA(torch.optim.Optimizer):
+    r"""Module-wise Importance SAmpling (MISA), a block-coordinate AdamW for transformers.
+
+    Each weight matrix of a transformer block is a module ``b``. An outer iteration samples
+    an active set of modules whose parameters add up to at most ``delta * n_model``
+    (Algorithm 2), trains it for ``T = inner_steps`` AdamW steps with fresh moments
+    (Alg. 1 lines 6-13), takes the extra momentum step of line 16, updates the scores
+    ``G_b`` (eq. 4, with the scaled norm ``||g_b||_F^2 / |b|`` of App. A.2) and the sampling
+    probabilities (Prop. 1), frees the optimizer states (line 17) and samples again.
+    Every ``step()`` call is one inner step; call it after ``backward()`` as usual.
+
+    Args:
+        model: the model to train. Modules are found from its repeated blocks.
+        lr: learning rate ``alpha`` (param groups carry it, so LR schedulers work).
+        delta: budget ``delta``: active parameters per outer iteration over all model
+            parameters, in (0, 1].
+        eta: temperature ``eta`` of ``p_b = softmax(eta * G_b / mean(G))``. Scores are
+            divided by their mean, so ``eta`` is free of the gradient scale: with the
+            default ``eta=1`` a module with twice the mean score is ``e`` times likelier
+            than one with score 0. ``eta=0`` samples uniformly.
+        inner_steps: ``T``, AdamW steps per outer iteration.
+        betas, eps, weight_decay: AdamW hyperparameters (decoupled weight decay; biases
+            and norms get none).
+        score_beta: ``beta`` of the score EMA in eq. 4.
+        mode: ``"finetune"`` freezes embeddings, lm_head and norms; ``"pretrain"`` trains
+            them with dense AdamW at every step.
+        strategy: ``"misa"`` (importance sampling), ``"uniform"``, ``"topk"`` or
+            ``"bottomk"`` (the ablations of paper C.4).
+        granularity: ``"module"`` or ``"layer"`` (all modules of a block as one unit).
+        seed: seed of the sampling generator (saved in ``state_dict``).
+        backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``.
+        module_filter: ``(name, submodule) -> bool`` choosing the modules among every
+            2-D-weight submodule, for architectures without recognisable blocks.
+        sweep: before importance sampling starts, activate every never-sampled unit once
+            for ``sweep_steps`` steps so that all have a score (not used by ``"uniform"``).
+        max_logit: cap on ``eta * G_b / mean(G)``; the largest probability ratio is
+            ``exp(max_logit)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-5,
+        delta: float = 0.03,
+        eta: float = 1.0,
+        inner_steps: int = 50,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        score_beta: float = 0.9,
+        mode: str = "finetune",
+        strategy: str = "misa",
+        granularity: str = "module",
+        seed: int = 0,
+        backend: str = "auto",
+        *,
+        module_filter: Optional[ModuleFilter] = None,
+        sweep: bool = True,
+        sweep_steps: int = 1,
+        max_logit: float = 5.0,
+    ):
+        _check_args(lr=lr, delta=delta, eta=eta, inner_steps=inner_steps, betas=betas, eps=eps,
+                    weight_decay=weight_decay, score_beta=score_beta, mode=mode, strategy=strategy,
+                    granularity=granularity, backend=backend, sweep_steps=sweep_steps, max_logit=max_logit)
+        modules = discover_modules(model, module_filter)
+        units = modules if granularity == "module" else group_by_layer(modules)
+        self.units: list[Unit] = units
+        self.delta, self.eta, self.inner_steps = delta, eta, inner_steps
+        self.mode, self.strategy, self.granularity = mode, strategy, granularity
+        self.sweep, self.sweep_steps, self.max_logit = sweep, sweep_steps, max_logit
+
+        all_params = _unique_params(model)
+        unit_params = [p for u in units for p in u.params]
+        if len({id(p) for p in unit_params}) != len(unit_params):
+            raise ValueError("model: a parameter belongs to two modules (shared weights are not supported)")
+        unit_ids = {id(p) for p in unit_params}
+        dense = [p for p in all_params if id(p) not in unit_ids] if mode == "pretrain" else []
+        self.n_model_params = sum(p.numel() for p in all_params)
+        self.budget = delta * self.n_model_params
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(self._param_groups(unit_params, dense, weight_decay), defaults)
+        self._group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+
+        self._device = self._common_device(unit_params + dense)
+        self._backend = resolve_backend(backend, self._device)
+        self._backend_name = backend
+        self._backward: BackwardPath = AutogradBackward()
+        self._original_requires_grad = {p: p.requires_grad for p in all_params}
+        self._dense = dense
+        score_dtype = torch.float64 if any(p.dtype == torch.float64 for p in unit_params) else torch.float32
+        self._scores = ScoreTracker(len(units), score_beta, self._device, score_dtype)
+        self._slot_of = {p: i for i, p in enumerate(unit_params)}
+        self._unit_of_slot = [b for b, u in enumerate(units) for _ in u.params]
+        self._hook_sq = torch.zeros(len(unit_params), dtype=score_dtype, device=self._device)
+        self._hook_version: list[Optional[int]] = [None] * len(unit_params)
+        self._dense_skipped = torch.zeros((), dtype=torch.int64, device=self._device)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._probabilities = torch.full((len(units),), 1.0 / len(units), dtype=torch.float64)
+        self._sample_counts = [0] * len(units)
+        self._inner_step, self._inner_length, self._dense_step = 0, inner_steps, 0
+        self._warned: set[str] = set()
+        self._active_cache: dict[tuple[bool, ...], _ActiveSet] = {}
+
+        self._backward.activate(unit_params)  # hooks can only be registered on such tensors
+        self._handles = [p.register_post_accumulate_grad_hook(self._record_grad_norm) for p in unit_params]
+        self._backward.deactivate(all_params)
+        self._backward.activate(dense)
+        self._handles += self._checkpoint_hooks(model, module_filter)
+        self._active = self._make_active([])
+        self._activate(*self._select())
+
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _param_groups(unit_params, dense, weight_decay) -> list[dict]:
+        groups = []
+        for role, params in (("module", unit_params), ("dense", dense)):
+            for decay in (True, False):
+                members = [p for p in params if (p.dim() >= 2) == decay]
+                if members:
+                    groups.append(dict(params=members, weight_decay=weight_decay if decay else 0.0, role=role))
+        return groups
+
+    @staticmethod
+    def _common_device(params: list[nn.Parameter]) -> torch.device:
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"model: MISA needs all trained parameters on one device, found {sorted(map(str, devices))}")
+        return devices.pop()
+
+    def _checkpoint_hooks(self, model: nn.Module, module_filter) -> list:
+        found = find_block_list(model) if module_filter is None else None
+        if found is None:
+            return []
+        return attach_input_grad_hooks(found[1], self._layer_is_active)
+
+    def _layer_is_active(self, layer: int) -> bool:
+        return layer in self._active_layers
+
+    # ------------------------------------------------------------------ public views
+    @property
+    def active_modules(self) -> list[str]:
+        """Names of the modules trained in the current outer iteration."""
+        return [name for b in self._active.units for name in self.units[b].module_names]
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        """``p_b`` per sampling unit (Prop. 1), as used by the last draw."""
+        return {u.name: float(p) for u, p in zip(self.units, self._probabilities)}
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """``G_b`` per sampling unit (eq. 4, corrected for the EMA's zero start)."""
+        return {u.name: float(s) for u, s in zip(self.units, self._scores.scores())}
+
+    @property
+    def sample_counts(self) -> dict[str, int]:
+        """How many outer iterations activated each unit."""
+        return {u.name: c for u, c in zip(self.units, self._sample_counts)}
+
+    @property
+    def skipped_steps(self) -> int:
+        """Unit-steps (and dense tensor-steps) skipped for a non-finite gradient. Reads the device."""
+        return self._scores.skipped_total + self._scores.pending_skips() + int(self._dense_skipped)
+
+    @property
+    def inner_step(self) -> int:
+        """Inner steps taken by the current active set."""
+        return self._inner_step
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held for training: fp32 master weights, moments ``m, v``, gradients and
+        score buffers (frozen modules hold none of them)."""
+        master = moments = 0
+        for state in self.state.values():
+            if state.get("master") is not None:
+                master += _nbytes(state["master"])
+            moments += _nbytes(state.get("exp_avg")) + _nbytes(state.get("exp_avg_sq"))
+        grads = sum(_nbytes(p.grad) for g in self.param_groups for p in g["params"])
+        tracker = self._scores
+        buffers = sum(map(_nbytes, (tracker.norm_sum, tracker.finite_steps, tracker.skipped_steps, self._hook_sq)))
+        report = dict(master_weights=master, moments=moments, gradients=grads, score_buffers=buffers)
+        report["total"] = sum(report.values())
+        return report
+
+    def detach(self) -> None:
+        """Remove MISA's hooks and restore every parameter's original ``requires_grad``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._backward.detach()
+        for param, flag in self._original_requires_grad.items():
+            param.requires_grad_(flag)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """One inner step (Alg. 1 lines 8-12); closes the outer iteration after ``T`` steps."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update_active()
+        if self._dense:
+            self._update_dense()
+        self._inner_step += 1
+        if self._inner_step >= self._inner_length:
+            self._switch()
+        return loss
+
+    def _record_grad_norm(self, param: nn.Parameter) -> None:
+        # Runs when backward has accumulated ``param.grad``: the score sees the gradient
+        # before any clipping or unscaling the user applies before ``step()``.
+        slot = self._slot_of[param]
+        self._hook_sq[slot] = torch.linalg.vector_norm(param.grad, dtype=self._hook_sq.dtype).square()
+        self._hook_version[slot] = param.grad._version
+
+    def _update_active(self) -> None:
+        active = self._active_with_grads()
+        if not active.params:
+            return
+        grads = [p.grad for p in active.params]
+        hooked = all(self._hook_version[s] is not None for s in active.slots)
+        unchanged = hooked and all(self._hook_version[s] == g._version for s, g in zip(active.slots, grads))
+        recorded = self._hook_sq.index_select(0, active.slot_ids) if hooked else None
+        applied = recorded if unchanged else self._squared_norms(grads)
+        unit_applied = self._per_unit(active, applied)
+        unit_scored = unit_applied if recorded is None else self._per_unit(active, recorded)
+        finite = torch.isfinite(unit_applied) & torch.isfinite(unit_scored)
+        self._scores.accumulate(active.unit_ids, unit_scored / active.unit_numel, finite)
+        skip = (~finite).index_select(0, active.local_unit)
+        self._adam(active.params, grads, skip, active.group_ranges, self._inner_step + 1)
+        for slot in active.slots:
+            self._hook_version[slot] = None
+
+    def _update_dense(self) -> None:
+        params = [p for g in self.param_groups if g["role"] == "dense" for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        skip = ~torch.isfinite(self._squared_norms(grads))
+        self._dense_skipped += skip.sum()
+        self._dense_step += 1
+        ranges = self._group_ranges(params)
+        self._adam(params, grads, skip, ranges, self._dense_step)
+
+    def _squared_norms(self, grads: list[Tensor]) -> Tensor:
+        out = torch.empty(len(grads), dtype=self._hook_sq.dtype, device=self._device)
+        return self._backend.squared_norms_(grads, out)
+
+    @staticmethod
+    def _per_unit(active: _ActiveSet, per_param: Tensor) -> Tensor:
+        out = torch.zeros(len(active.units), dtype=per_param.dtype, device=per_param.device)
+        return out.index_add_(0, active.local_unit, per_param)
+
+    def _adam(self, params, grads, skip, ranges, step: int) -> None:
+        for group_index, start, end in ranges:
+            group = self.param_groups[group_index]
+            chunk = params[start:end]
+            states = [self._state_for(p) for p in chunk]
+            beta1, beta2 = group["betas"]
+            self._backend.adam_update_(
+                chunk, grads[start:end], [s["master"] for s in states],
+                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], skip[start:end],
+                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+
+    def _state_for(self, param: nn.Parameter) -> dict:
+        state = self.state[param]
+        if not state:
+            low = param.dtype in LOW_PRECISION
+            moment_dtype = torch.float32 if low else param.dtype
+            state["master"] = param.detach().float().clone() if low else None
+            state["exp_avg"] = torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        return state
+
+    # ------------------------------------------------------------------ switching
+    def _switch(self) -> None:
+        """End of an outer iteration: Alg. 1 lines 14-17, then the next draw (line 5)."""
+        self._momentum_step()
+        new_skips = self._scores.fold(self._active.units)
+        if new_skips:
+            self._report_skips(new_skips)
+        self._probabilities = self._current_probabilities()
+        self._deactivate()
+        self._activate(*self._select())
+
+    def _momentum_step(self) -> None:
+        params = [p for p in self._active.params if self.state.get(p)]
+        for group_index, start, end in self._group_ranges(params):
+            group = self.param_groups[group_index]
+            chunk = params[start:end]
+            states = [self.state[p] for p in chunk]
+            beta1, beta2 = group["betas"]
+            self._backend.momentum_step_(
+                chunk, [s["master"] for s in states], [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states], step=self._inner_step, lr=group["lr"],
+                beta1=beta1, beta2=beta2, eps=group["eps"],
+            )
+
+    def _current_probabilities(self) -> Tensor:
+        eta = 0.0 if self.strategy == "uniform" else self.eta
+        return sampling_probabilities(self._scores.scores(), eta, self.max_logit)
+
+    def _sweeping(self) -> bool:
+        return self.sweep and self.strategy != "uniform" and 0 in self._sample_counts
+
+    def _select(self) -> tuple[list[int], int]:
+        """Algorithm 2 (or the start-up sweep); returns the units and the inner-loop length."""
+        sizes = [u.numel for u in self.units]
+        if self._sweeping():
+            never = [b for b, c in enumerate(self._sample_counts) if c == 0]
+            order = [never[i] for i in torch.randperm(len(never), generator=self._generator).tolist()]
+            length = self.sweep_steps
+        else:
+            order = draw_order(self.strategy, self._probabilities, self._scores.scores(), self._generator)
+            length = self.inner_steps
+        chosen = select_within_budget(order, sizes, self.budget)
+        if not chosen:
+            chosen = order[:1]
+            self._warn_once(
+                "budget",
+                f"delta={self.delta} allows {int(self.budget)} parameters, fewer than any sampled "
+                f"unit (e.g. {self.units[chosen[0]].name}: {sizes[chosen[0]]}); activating one unit at a time",
+            )
+        return chosen, length
+
+    def _activate(self, units: list[int], length: int, count: bool = True) -> None:
+        self._active = self._make_active(units)
+        self._active_layers = {self.units[b].layer for b in units}
+        self._backward.activate(self._active.params)
+        if count:
+            for b in units:
+                self._sample_counts[b] += 1
+        self._inner_step, self._inner_length = 0, length
+
+    def _deactivate(self) -> None:
+        for param in self._active.params:
+            self.state.pop(param, None)
+        self._backward.deactivate(self._active.params)
+        self._active_cache.clear()
+
+    def _make_active(self, units: list[int], params: Optional[list[nn.Parameter]] = None) -> _ActiveSet:
+        if params is None:
+            params = [p for b in units for p in self.units[b].params]
+        params = sorted(params, key=self._group_of.__getitem__)
+        slots = [self._slot_of[p] for p in params]
+        position = {b: i for i, b in enumerate(units)}
+        active = _ActiveSet(units, params, slots, self._group_ranges(params))
+        numel = [self.units[b].numel for b in units]
+        active.slot_ids = torch.as_tensor(slots, dtype=torch.int64, device=self._device)
+        active.unit_ids = torch.as_tensor(units, dtype=torch.int64, device=self._device)
+        active.local_unit = torch.as_tensor(
+            [position[self._unit_of_slot[s]] for s in slots], dtype=torch.int64, device=self._device
+        )
+        active.unit_numel = torch.as_tensor(numel, dtype=self._hook_sq.dtype, device=self._device)
+        return active
+
+    def _active_with_grads(self) -> _ActiveSet:
+        has_grad = tuple(p.grad is not None for p in self._active.params)
+        if all(has_grad):
+            return self._active
+        if has_grad not in self._active_cache:
+            params = [p for p, ok in zip(self._active.params, has_grad) if ok]
+            self._active_cache[has_grad] = self._make_active(self._active.units, params)
+        return self._active_cache[has_grad]
+
+    def _group_ranges(self, params: list[nn.Parameter]) -> list[tuple[int, int, int]]:
+        ranges: list[tuple[int, int, int]] = []
+        for position, param in enumerate(params):
+            group = self._group_of[param]
+            if ranges and ranges[-1][0] == group:
+                ranges[-1] = (group, ranges[-1][1], position + 1)
+            else:
+                ranges.append((group, position, position + 1))
+        return ranges
+
+    def _report_skips(self, count: int) -> None:
+        logger.warning("MISA skipped %d module update(s) with a non-finite gradient", count)
+        self._warn_once("nonfinite", "non-finite gradients: the affected modules' updates were skipped "
+                        "(weights, moments and scores untouched); see opt.skipped_steps")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit-identically: param groups, moments and masters of
+        the active set, scores, probabilities, active set, inner step and the sampling RNG."""
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
+                  for g in self.param_groups]
+        state = {index[p]: dict(s) for p, s in self.state.items() if s}
+        misa = dict(
+            unit_names=[u.name for u in self.units], active_units=list(self._active.units),
+            inner_step=self._inner_step, inner_length=self._inner_length, dense_step=self._dense_step,
+            sample_counts=list(self._sample_counts), probabilities=self._probabilities.clone(),
+            scores=self._scores.state_dict(), rng=self._generator.get_state(),
+            dense_skipped=int(self._dense_skipped), warned=sorted(self._warned),
+        )
+        return {"state": state, "param_groups": groups, "misa": misa}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict` (from this model, or a fresh copy of it)."""
+        misa = state_dict["misa"]
+        if misa["unit_names"] != [u.name for u in self.units]:
+            raise ValueError("state_dict: its modules do not match this optimizer's model")
+        params = [p for g in self.param_groups for p in g["params"]]
+        if [len(g["params"]) for g in state_dict["param_groups"]] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("state_dict: its param groups do not match this optimizer's")
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self._deactivate()
+        self.state.clear()
+        self._activate(list(misa["active_units"]), misa["inner_length"], count=False)
+        self._inner_step, self._dense_step = misa["inner_step"], misa["dense_step"]
+        for i, saved in state_dict["state"].items():
+            param = params[int(i)]
+            self.state[param] = {
+                k: (v.to(param.device, copy=True) if isinstance(v, Tensor) else v) for k, v in saved.items()
+            }
+        self._sample_counts = list(misa["sample_counts"])
+        self._probabilities = misa["probabilities"].clone()
+        self._scores.load_state_dict(misa["scores"])
+        self._generator.set_state(misa["rng"])
+        self._dense_skipped.fill_(misa["dense_skipped"])
+        self._warned = set(misa["warned"])
+
+
+def _nbytes(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny Hugging Face models built from configs (never downloaded)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 256  # byte-level, matches misa_kernels.data
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_llama(layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**_COMMON, "num_hidden_layers": layers, **overrides})
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**_COMMON))
+
+
+def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=64))
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128))
+
+
+def random_batch(batch: int = 2, seq: int = 16, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=generator)
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
