@@ -1,0 +1,254 @@
+"""The MISA optimizer's contract: arguments, budget, precision, non-finite gradients,
+memory, resume, modes."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+
+import misa_kernels as mk
+from conftest import random_batch, tiny_llama
+
+
+def _train(model, opt, steps, seed=0, batch=2, seq=12, clip=None):
+    losses = []
+    for i in range(steps):
+        loss = model(**random_batch(batch, seq, seed=seed + i)).loss
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(delta=0.0), "delta"), (dict(delta=1.5), "delta"), (dict(eta=-1.0), "eta"),
+        (dict(eta=float("nan")), "eta"), (dict(inner_steps=0), "inner_steps"), (dict(inner_steps=2.5), "inner_steps"),
+        (dict(lr=-1e-3), "lr"), (dict(lr=float("nan")), "lr"), (dict(eps=-1e-8), "eps"),
+        (dict(strategy="random"), "strategy"), (dict(mode="train"), "mode"), (dict(granularity="block"), "granularity"),
+        (dict(backend="cuda"), "backend"), (dict(betas=(0.9, 1.0)), "betas"), (dict(score_beta=1.0), "score_beta"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=rf"^{name} "):
+        mk.MISA(tiny_llama(), **kwargs)
+
+
+def test_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match="^lr "):
+        mk.MISA(tiny_llama(), lr="fast")
+
+
+def test_budget_is_never_exceeded():
+    model = tiny_llama(layers=3)
+    opt = mk.MISA(model, lr=1e-3, delta=0.07, inner_steps=2)
+    budget = 0.07 * sum(p.numel() for p in model.parameters())
+    seen = set()
+    for i in range(30):
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert 0 < trained <= budget
+        seen.add(tuple(opt.active_modules))
+        _train(model, opt, 1, seed=i)
+    assert len(seen) > 5
+
+
+def test_single_module_fallback_warns_once():
+    model = tiny_llama()
+    smallest = min(u.numel for u in mk.discover_modules(model))
+    delta = 0.5 * smallest / sum(p.numel() for p in model.parameters())
+    with pytest.warns(RuntimeWarning, match="delta") as record:
+        opt = mk.MISA(model, lr=1e-3, delta=delta, inner_steps=1)
+        _train(model, opt, 4)
+    assert sum("delta" in str(w.message) for w in record) == 1
+    assert len(opt.active_modules) == 1
+
+
+def test_only_active_modules_change_and_frozen_parameters_get_no_grad():
+    model = tiny_llama()
+    before = copy.deepcopy(model)
+    opt = mk.MISA(model, lr=1e-2, delta=0.1, inner_steps=5, sweep=False)
+    active = set(opt.active_modules)
+    model(**random_batch()).loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == any(name.startswith(a + ".") for a in active), name
+    opt.step()
+    for (name, p), q in zip(model.named_parameters(), before.parameters()):
+        changed = not torch.equal(p, q)
+        assert changed == any(name.startswith(a + ".") for a in active), name
+
+
+def test_bf16_model_keeps_fp32_master_and_moments_for_active_modules_only():
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=4, sweep=False)
+    _train(model, opt, 2)
+    active_params = {p for u in opt.units if u.name in opt.active_modules for p in u.params}
+    assert set(opt.state) == active_params
+    for p, state in opt.state.items():
+        assert state["master"].dtype == torch.float32
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(p, state["master"].to(torch.bfloat16))
+    report = opt.memory_report()
+    n_active = sum(p.numel() for p in active_params)
+    assert report["master_weights"] == 4 * n_active
+    assert report["moments"] == 8 * n_active
+
+
+def test_bf16_master_accumulates_updates_smaller_than_bf16_resolution():
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = mk.MISA(model, lr=1e-5, delta=0.1, inner_steps=50, sweep=False)
+    _train(model, opt, 3)
+    moved = [not torch.equal(s["master"], p.float()) for p, s in opt.state.items()]
+    assert any(moved)  # the master holds progress that bf16 cannot represent
+
+
+def test_states_are_freed_at_each_switch():
+    model = tiny_llama()
+    opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=3, sweep=False)
+    _train(model, opt, 2)
+    first = set(opt.state)
+    _train(model, opt, 1)  # third step closes the inner loop
+    assert all(p not in opt.state for p in first - set(opt.state))
+    assert opt.inner_step == 0 and len(opt.state) == 0
+    assert all(p.grad is None for p in first)
+
+
+def test_nonfinite_gradient_skips_only_that_module():
+    model = tiny_llama()
+    opt = mk.MISA(model, lr=1e-2, delta=0.1, inner_steps=4, sweep=False)
+    _train(model, opt, 1)
+    active = [u for u in opt.units if u.name in opt.active_modules]
+    assert len(active) >= 2
+    bad, good = active[0], active[1]
+    snapshot = {p: (p.clone(), {k: v.clone() for k, v in opt.state[p].items() if v is not None}) for u in active
+                for p in u.params}
+    model(**random_batch(seed=99)).loss.backward()
+    bad.params[0].grad[0, 0] = float("nan")
+    opt.step()
+    opt.zero_grad()
+    for p in bad.params:
+        assert torch.equal(p, snapshot[p][0])
+        for key, value in snapshot[p][1].items():
+            assert torch.equal(opt.state[p][key], value)
+    assert not torch.equal(good.params[0], snapshot[good.params[0]][0])
+    assert opt.skipped_steps == 1
+    score_before = opt.scores[bad.name]
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        _train(model, opt, 2)  # closes the inner loop: skip is reported
+    assert all(math.isfinite(s) for s in opt.scores.values())
+    assert opt.skipped_steps == 1
+    assert opt.scores[bad.name] != score_before  # its two finite steps were still scored
+
+
+def test_memory_report_counts_gradients():
+    model = tiny_llama()
+    opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=4)
+    model(**random_batch()).loss.backward()
+    report = opt.memory_report()
+    n_active = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report["gradients"] == 4 * n_active
+    assert report["total"] == sum(v for k, v in report.items() if k != "total")
+
+
+def _save(opt, model):
+    buffer = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["finetune", "pretrain"])
+def test_resume_mid_inner_loop_is_bit_identical(dtype, mode):
+    kwargs = dict(lr=3e-3, delta=0.1, inner_steps=4, weight_decay=0.01, mode=mode, seed=5)
+    model = tiny_llama(dtype=dtype)
+    opt = mk.MISA(model, **kwargs)
+    _train(model, opt, 10)
+    while opt.inner_step != 2:  # save in the middle of an inner loop, after the sweep
+        _train(model, opt, 1, seed=50)
+    assert min(opt.sample_counts.values()) > 0
+    saved = _save(opt, model)
+    _train(model, opt, 20, seed=100)
+
+    fresh = tiny_llama(dtype=dtype, seed=123)
+    fresh.load_state_dict(saved["model"])
+    resumed = mk.MISA(fresh, **{**kwargs, "seed": 999})
+    resumed.load_state_dict(saved["opt"])
+    _train(fresh, resumed, 20, seed=100)
+
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
+    assert resumed.active_modules == opt.active_modules
+    assert resumed.scores == opt.scores
+    assert resumed.sample_counts == opt.sample_counts
+
+
+def test_load_state_dict_rejects_another_model():
+    opt = mk.MISA(tiny_llama(layers=2))
+    other = mk.MISA(tiny_llama(layers=3))
+    with pytest.raises(ValueError, match="state_dict"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_pretrain_mode_trains_embeddings_head_and_norms_every_step():
+    model = tiny_llama()
+    before = copy.deepcopy(model)
+    opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=3, mode="pretrain")
+    _train(model, opt, 2)
+    changed = {n for (n, p), q in zip(model.named_parameters(), before.parameters()) if not torch.equal(p, q)}
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                 "model.layers.0.input_layernorm.weight"):
+        assert name in changed
+    assert opt.memory_report()["moments"] >= 8 * model.model.embed_tokens.weight.numel()
+
+
+def test_finetune_mode_freezes_embeddings_head_and_norms():
+    model = tiny_llama()
+    before = copy.deepcopy(model)
+    opt = mk.MISA(model, lr=1e-2, delta=0.2, inner_steps=2)
+    _train(model, opt, 8)
+    for (name, p), q in zip(model.named_parameters(), before.parameters()):
+        if "layers" not in name or p.dim() == 1:
+            assert torch.equal(p, q), name
+
+
+def test_lr_zero_changes_nothing():
+    model = tiny_llama()
+    before = copy.deepcopy(model)
+    opt = mk.MISA(model, lr=0.0, delta=0.2, inner_steps=2)
+    _train(model, opt, 5)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+
+
+def test_detach_restores_requires_grad():
+    model = tiny_llama()
+    flags = [p.requires_grad for p in model.parameters()]
+    opt = mk.MISA(model)
+    assert sum(p.requires_grad for p in model.parameters()) < len(flags)
+    opt.detach()
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_inner_steps_do_not_synchronise_the_host(backend):
+    model = tiny_llama(dtype=torch.bfloat16).cuda()
+    opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=10, sweep=False, backend=backend)
+    batch = {k: v.cuda() for k, v in random_batch().items()}
+    for _ in range(3):
+        model(**batch).loss.backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.zero_grad()
