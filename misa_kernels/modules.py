@@ -62,7 +62,11 @@ def find_block_list(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
     return best
 
 
-def _layer_index(name: str) -> int:
+def _layer_index(name: str, block_prefix: Optional[str]) -> int:
+    """Index of the block holding ``name``: from the block list when the name lies under it,
+    else the first integer in the name (-1 when there is none)."""
+    if block_prefix is not None and name.startswith(f"{block_prefix}."):
+        return int(name[len(block_prefix) + 1 :].split(".", 1)[0])
     match = re.search(r"\.(\d+)(\.|$)", f".{name}")
     return int(match.group(1)) if match else -1
 
@@ -73,20 +77,21 @@ def discover_modules(model: nn.Module, module_filter: Optional[ModuleFilter] = N
     Without ``module_filter``, the modules are the 2-D-weight submodules of the repeated
     blocks. With it, every 2-D-weight submodule of the model for which
     ``module_filter(qualified_name, submodule)`` is true is a module (its block index is
-    the first integer in its name). Raises ``ValueError`` when nothing is found.
+    the block holding it, or the first integer in its name). Raises ``ValueError`` when nothing is found.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = find_block_list(model)
     if module_filter is not None:
+        prefix = found[0] if found is not None else None
         units = [
-            Unit(name, _layer_index(name), (name,), _module_params(m))
+            Unit(name, _layer_index(name, prefix), (name,), _module_params(m))
             for name, m in model.named_modules()
             if _owns_matrix(m) and module_filter(name, m)
         ]
         if not units:
             raise ValueError("module_filter selected no module with a 2-D weight in model")
         return units
-    found = find_block_list(model)
     if found is None:
         raise ValueError(
             f"model ({type(model).__name__}): no repeated transformer blocks holding 2-D weights "

@@ -184,7 +184,7 @@ class MISA(torch.optim.Optimizer):
         self._handles = [p.register_post_accumulate_grad_hook(self._record_grad_norm) for p in unit_params]
         self._backward.deactivate(all_params)
         self._backward.activate(dense)
-        self._handles += self._checkpoint_hooks(model, module_filter)
+        self._handles += self._checkpoint_hooks(model)
         self._active = self._make_active([])
         self._activate(*self._select())
 
@@ -206,8 +206,8 @@ class MISA(torch.optim.Optimizer):
             raise ValueError(f"model: MISA needs all trained parameters on one device, found {sorted(map(str, devices))}")
         return devices.pop()
 
-    def _checkpoint_hooks(self, model: nn.Module, module_filter) -> list:
-        found = find_block_list(model) if module_filter is None else None
+    def _checkpoint_hooks(self, model: nn.Module) -> list:
+        found = find_block_list(model)
         if found is None:
             return []
         return attach_input_grad_hooks(found[1], self._layer_is_active)
