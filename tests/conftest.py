@@ -1,9 +1,17 @@
 """Shared fixtures: tiny Hugging Face models built from configs (never downloaded)."""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from transformers import (
+
+if not torch.cuda.is_available():
+    # Triton reads this when its kernels are decorated, i.e. at import; transformers may
+    # import triton, so it is set before anything else loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,

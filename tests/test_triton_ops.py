@@ -49,7 +49,7 @@ class State:
         return State(*([None if t is None else t.clone() for t in getattr(self, f.name)]
                        for f in fields(self)))
 
-    def moments(self) -> tuple:
+    def momentum_args(self) -> tuple:
         return self.params, self.masters, self.exp_avgs, self.exp_avg_sqs
 
 
@@ -78,12 +78,16 @@ def assert_states_close(ours: State, ref: State) -> None:
     master rounded (the twin's master may differ by an ulp, so its rounding could too)."""
     for i, (p, m) in enumerate(zip(ours.params, ours.masters)):
         weight, ref_weight = (p, ref.params[i]) if m is None else (m, ref.masters[i])
-        torch.testing.assert_close(weight, ref_weight, rtol=1e-6, atol=1e-7, msg=lambda s: f"weight {i}: {s}")
+        torch.testing.assert_close(weight, ref_weight, rtol=1e-6, atol=1e-7,
+                                   msg=lambda s: f"weight {i}: {s}")
         if m is not None:
-            torch.testing.assert_close(p, m.to(p.dtype), rtol=0, atol=0, msg=lambda s: f"param {i}: {s}")
+            torch.testing.assert_close(p, m.to(p.dtype), rtol=0, atol=0,
+                                       msg=lambda s: f"param {i}: {s}")
+    # m's atol: (1 - beta1) (g - m) is rounded at |g| ~ 1, i.e. ~1e-8 absolute.
     for name, atol in (("exp_avgs", 5e-8), ("exp_avg_sqs", 1e-12)):
         for i, (a, b) in enumerate(zip(getattr(ours, name), getattr(ref, name))):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=atol, msg=lambda s: f"{name}[{i}]: {s}")
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=atol,
+                                       msg=lambda s: f"{name}[{i}]: {s}")
 
 
 def no_skip(n: int) -> torch.Tensor:
@@ -96,7 +100,7 @@ def run_adam(state: State, impl, skip, step: int, weight_decay: float = 0.1) -> 
 
 
 def run_momentum(state: State, impl, step: int) -> None:
-    impl.momentum_step_(*state.moments(), step=step, **HYPER)
+    impl.momentum_step_(*state.momentum_args(), step=step, **HYPER)
 
 
 @pytest.fixture
@@ -123,16 +127,30 @@ def test_adam_update_matches_twin_over_steps(param_dtype, grad_dtype):
 
 
 def test_adam_update_mixed_dtypes_in_one_call():
-    pdts = [torch.float32, torch.bfloat16, torch.float16, torch.bfloat16, torch.float32, torch.float16]
-    gdts = [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, torch.float16]
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    pdts = [f32, bf16, f16, bf16, f32, f16]
+    gdts = [bf16, f32, bf16, bf16, f32, f16]
     ours = make_state(SHAPES, pdts, gdts, seed=3)
     # A contiguous view at a 4-byte offset: the kernels must drop their alignment hint.
-    storage = torch.randn(1 + 1003, device=DEVICE)
+    storage = torch.randn(1 + 1003, generator=torch.Generator().manual_seed(14)).to(DEVICE)
     ours.params[2], ours.masters[2] = storage[1:], None
     ref = ours.clone()
     run_adam(ours, fused, no_skip(len(SHAPES)), step=3, weight_decay=0.01)
     run_adam(ref, twin, no_skip(len(SHAPES)), step=3, weight_decay=0.01)
     assert_states_close(ours, ref)
+
+
+def test_low_precision_param_without_master_is_updated_in_place():
+    n = len(SHAPES)
+    ours = make_state(SHAPES, [torch.bfloat16] * n, [torch.bfloat16] * n, seed=12)
+    ours.masters = [None] * n
+    ref = ours.clone()
+    run_adam(ours, fused, no_skip(n), step=2)
+    run_adam(ref, twin, no_skip(n), step=2)
+    for a, b in zip(ours.params, ref.params):  # the twin rounds one more time: bf16 tolerance
+        torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-5)
+    for a, b in zip(ours.exp_avg_sqs, ref.exp_avg_sqs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
@@ -177,8 +195,9 @@ def test_many_tensors_span_many_tiles(small_tiles):
 
 def test_adam_update_copies_noncontiguous_grads():
     ours = make_state([(17, 13), (5, 6)], [torch.float32, torch.bfloat16], [torch.float32] * 2)
-    ours.grads[0] = torch.randn(13, 17, device=DEVICE).t()
-    ours.grads[1] = torch.randn(5, 12, device=DEVICE).to(torch.bfloat16)[:, ::2]
+    gen = torch.Generator().manual_seed(13)
+    ours.grads[0] = torch.randn(13, 17, generator=gen).to(DEVICE).t()
+    ours.grads[1] = torch.randn(5, 12, generator=gen).to(torch.bfloat16).to(DEVICE)[:, ::2]
     assert not any(g.is_contiguous() for g in ours.grads)
     ref = ours.clone()
     ref.grads = list(ours.grads)
@@ -208,9 +227,11 @@ def test_invalid_arguments_are_refused():
     with pytest.raises(ValueError, match="params\\[0\\] has dtype torch.float64"):
         fused.momentum_step_([state.params[0].double()], [None], state.exp_avgs[:1],
                              state.exp_avg_sqs[:1], step=1, **HYPER)
-    state.exp_avgs[1] = state.exp_avgs[1].to(torch.bfloat16)
+    exp_avg = state.exp_avgs[1]
+    state.exp_avgs[1] = exp_avg.to(torch.bfloat16)
     with pytest.raises(ValueError, match="exp_avgs\\[1\\] has dtype"):
         run_adam(state, fused, no_skip(2), step=1)
+    state.exp_avgs[1] = exp_avg
     state.grads[0] = state.grads[0][:3]
     with pytest.raises(ValueError, match="grads\\[0\\] has shape"):
         run_adam(state, fused, no_skip(2), step=1)
@@ -258,8 +279,10 @@ def test_squared_norms_match_twin_and_fp64(grad_dtype):
 def test_squared_norms_mixed_grad_dtypes_in_fp64():
     gen = torch.Generator().manual_seed(8)
     dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float64]
-    grads = [torch.randn(s, generator=gen).to(d).to(DEVICE) for s, d in zip([(5,), (300,), (0,), (1, 5000)], dtypes)]
-    out, ref = torch.empty(4, dtype=torch.float64, device=DEVICE), torch.empty(4, dtype=torch.float64, device=DEVICE)
+    shapes = [(5,), (300,), (0,), (1, 5000)]
+    grads = [torch.randn(s, generator=gen).to(d).to(DEVICE) for s, d in zip(shapes, dtypes)]
+    out = torch.empty(4, dtype=torch.float64, device=DEVICE)
+    ref = torch.empty_like(out)
     fused.squared_norms_(grads, out)
     twin.squared_norms_(grads, ref)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)

@@ -30,11 +30,16 @@ def validate_backend(name: str) -> str:
     return name
 
 
-def resolve_backend(name: str, device: torch.device) -> ModuleType:
-    """The module implementing ``name`` for tensors on ``device``."""
+def resolve_backend(name: str, device: torch.device, dtypes: frozenset = frozenset()) -> ModuleType:
+    """The module implementing ``name`` for tensors of ``dtypes`` on ``device``.
+
+    ``"auto"`` takes Triton only on CUDA and for fp32/bf16/fp16 weights (the kernels keep
+    fp32 states; fp64 models stay on the PyTorch twin).
+    """
     validate_backend(name)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_available() else "torch"
+        fused_ok = device.type == "cuda" and torch.float64 not in dtypes
+        name = "triton" if fused_ok and triton_available() else "torch"
     if name == "torch":
         return importlib.import_module("misa_kernels.ops.torch_adam")
     try:

@@ -29,7 +29,8 @@ No function here synchronises with the host. CPU tensors work only under
 """
 from __future__ import annotations
 
-from typing import Hashable, Optional, Sequence
+import contextlib
+from typing import ContextManager, Hashable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -62,18 +63,21 @@ _TL_DTYPES = {
     torch.float64: tl.float64,
 }
 
-# Columns of a table row; NCOL is the row stride.
-NCOL: tl.constexpr = tl.constexpr(8)
-COL_PARAM: tl.constexpr = tl.constexpr(0)
-COL_GRAD: tl.constexpr = tl.constexpr(1)
-COL_MASTER: tl.constexpr = tl.constexpr(2)
-COL_EXP_AVG: tl.constexpr = tl.constexpr(3)
-COL_EXP_AVG_SQ: tl.constexpr = tl.constexpr(4)
-COL_NUMEL: tl.constexpr = tl.constexpr(5)
-COL_TILE0: tl.constexpr = tl.constexpr(6)
-COL_INDEX: tl.constexpr = tl.constexpr(7)
+# Columns of a table row; _NCOL is the row stride.
+_NCOL: tl.constexpr = tl.constexpr(8)
+_COL_PARAM: tl.constexpr = tl.constexpr(0)
+_COL_GRAD: tl.constexpr = tl.constexpr(1)
+_COL_MASTER: tl.constexpr = tl.constexpr(2)
+_COL_EXP_AVG: tl.constexpr = tl.constexpr(3)
+_COL_EXP_AVG_SQ: tl.constexpr = tl.constexpr(4)
+_COL_NUMEL: tl.constexpr = tl.constexpr(5)
+_COL_TILE0: tl.constexpr = tl.constexpr(6)
+_COL_INDEX: tl.constexpr = tl.constexpr(7)
+_POINTER_COLUMNS = tuple(
+    c.value for c in (_COL_PARAM, _COL_GRAD, _COL_MASTER, _COL_EXP_AVG, _COL_EXP_AVG_SQ)
+)
 # Bytes: pointer alignment that lets full tiles use 128-bit loads and stores.
-ALIGN: tl.constexpr = tl.constexpr(16)
+_ALIGN: tl.constexpr = tl.constexpr(16)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -86,17 +90,17 @@ def _find_row(table, n_rows, n_iters, tile):
     hi = lo + n_rows - 1
     for _ in range(n_iters):
         mid = (lo + hi + 1) // 2
-        right = tl.load(table + mid * NCOL + COL_TILE0) <= tile
+        right = tl.load(table + mid * _NCOL + _COL_TILE0) <= tile
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid - 1)
-    return table + lo * NCOL
+    return table + lo * _NCOL
 
 
 @triton.jit
 def _column_ptr(row, col, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     ptr = tl.load(row + col).to(tl.pointer_type(DTYPE))
     if ALIGNED:
-        ptr = tl.multiple_of(ptr, ALIGN)
+        ptr = tl.multiple_of(ptr, _ALIGN)
     return ptr
 
 
@@ -124,17 +128,17 @@ def _update_tile(
     MOMENTUM: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One tile of Alg. 1 lines 10-12 (or line 16 when ``MOMENTUM``), read once, written once."""
-    m_ptr = _column_ptr(row, COL_EXP_AVG, tl.float32, ALIGNED)
-    v_ptr = _column_ptr(row, COL_EXP_AVG_SQ, tl.float32, ALIGNED)
-    p_ptr = _column_ptr(row, COL_PARAM, PARAM, ALIGNED)
+    m_ptr = _column_ptr(row, _COL_EXP_AVG, tl.float32, ALIGNED)
+    v_ptr = _column_ptr(row, _COL_EXP_AVG_SQ, tl.float32, ALIGNED)
+    p_ptr = _column_ptr(row, _COL_PARAM, PARAM, ALIGNED)
     w_ptr = p_ptr
     if HAS_MASTER:
-        w_ptr = _column_ptr(row, COL_MASTER, tl.float32, ALIGNED)
+        w_ptr = _column_ptr(row, _COL_MASTER, tl.float32, ALIGNED)
     w = tl.load(w_ptr + offs, mask=mask, eviction_policy="evict_first").to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, eviction_policy="evict_first")
     v = tl.load(v_ptr + offs, mask=mask, eviction_policy="evict_first")
     if not MOMENTUM:
-        g_ptr = _column_ptr(row, COL_GRAD, GRAD, ALIGNED)
+        g_ptr = _column_ptr(row, _COL_GRAD, GRAD, ALIGNED)
         g = tl.load(g_ptr + offs, mask=mask, eviction_policy="evict_first").to(tl.float32)
         m = m + one_minus_beta1 * (g - m)
         v = v * beta2 + one_minus_beta2 * g * g
@@ -147,7 +151,7 @@ def _update_tile(
     tl.store(p_ptr + offs, _round(w, PARAM), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_iters"])
 def _update_kernel(
     table, skip, n_rows, n_iters,
     one_minus_beta1, beta2, one_minus_beta2, bc2, eps, step_size, decay,
@@ -157,12 +161,12 @@ def _update_kernel(
     """Multi-tensor AdamW step (or extra momentum step): one program per ``BLOCK`` tile."""
     tile = tl.program_id(0).to(tl.int64)
     row = _find_row(table, n_rows, n_iters, tile)
-    numel = tl.load(row + COL_NUMEL)
-    start = (tile - tl.load(row + COL_TILE0)) * BLOCK
+    numel = tl.load(row + _COL_NUMEL)
+    start = (tile - tl.load(row + _COL_TILE0)) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     skipped = 0
     if not MOMENTUM:
-        skipped = tl.load(skip + tl.load(row + COL_INDEX))
+        skipped = tl.load(skip + tl.load(row + _COL_INDEX))
     if skipped == 0:
         if start + BLOCK <= numel:
             _update_tile(row, offs, None, one_minus_beta1, beta2, one_minus_beta2, bc2, eps,
@@ -173,15 +177,23 @@ def _update_kernel(
 
 
 @triton.jit
+def _sum(x):
+    # Not tl.sum: that is itself a @jit function, which the interpreter cannot call when
+    # triton was imported before TRITON_INTERPRET was set; the interpreter recognises this
+    # combine function and sums with numpy.
+    return tl.reduce(x, 0, tl.standard._sum_combine)
+
+
+@triton.jit
 def _tile_sq_sum(g_ptr, offs, mask, ACC: tl.constexpr):
     if mask is None:
         g = tl.load(g_ptr + offs, eviction_policy="evict_first").to(ACC)
     else:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-    return tl.sum(g * g, axis=0)
+    return _sum(g * g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_iters"])
 def _sq_norm_partials_kernel(
     table, partials, n_rows, n_iters,
     GRAD: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
@@ -189,10 +201,10 @@ def _sq_norm_partials_kernel(
     """``partials[tile] = sum(g^2)`` over one tile of one gradient, accumulated in ``ACC``."""
     tile = tl.program_id(0).to(tl.int64)
     row = _find_row(table, n_rows, n_iters, tile)
-    numel = tl.load(row + COL_NUMEL)
-    start = (tile - tl.load(row + COL_TILE0)) * BLOCK
+    numel = tl.load(row + _COL_NUMEL)
+    start = (tile - tl.load(row + _COL_TILE0)) * BLOCK
     offs = start + tl.arange(0, BLOCK)
-    g_ptr = _column_ptr(row, COL_GRAD, GRAD, ALIGNED)
+    g_ptr = _column_ptr(row, _COL_GRAD, GRAD, ALIGNED)
     if start + BLOCK <= numel:
         total = _tile_sq_sum(g_ptr, offs, None, ACC)
     else:
@@ -206,11 +218,11 @@ def _segment_sum_kernel(partials, segments, out, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     first = tl.load(segments + 2 * i)
     count = tl.load(segments + 2 * i + 1)
-    acc = tl.zeros([BLOCK], dtype=out.dtype.element_ty)
+    acc = tl.full([BLOCK], 0, dtype=out.dtype.element_ty)
     for k in range(0, count, BLOCK):
         idx = k + tl.arange(0, BLOCK)
         acc += tl.load(partials + first + idx, mask=idx < count, other=0.0)
-    tl.store(out + i, tl.sum(acc, axis=0))
+    tl.store(out + i, _sum(acc))
 
 
 # --------------------------------------------------------------------------- host side
@@ -245,7 +257,7 @@ def _n_tiles(numel: int) -> int:
 
 
 def _aligned(rows: list[tuple[int, ...]], columns: Sequence[int]) -> bool:
-    return all(row[c] % ALIGN.value == 0 for row in rows for c in columns)
+    return all(row[c] % _ALIGN.value == 0 for row in rows for c in columns)
 
 
 def _groups(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
@@ -263,12 +275,14 @@ def _check_lengths(**lists: Sequence) -> int:
     return next(iter(lengths.values()), 0)
 
 
-def _check_device(device: torch.device) -> None:
+def _on_device(device: torch.device) -> ContextManager:
+    """Launch context for ``device``: Triton launches on the current CUDA device."""
     if device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"the Triton kernels need CUDA tensors, got {device}; to run them on the CPU set "
             f"TRITON_INTERPRET=1 before importing {__name__}, or use backend='torch'"
         )
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_tensor(name: str, tensor: Tensor, like: Tensor, dtypes: Sequence[torch.dtype]) -> None:
@@ -371,7 +385,7 @@ def _launch_update(
         # The momentum step never reads skip: the table stands in for the pointer.
         table, table if skip is None else skip, len(rows), _n_iters(len(rows)), *scalars,
         PARAM=_TL_DTYPES[param], GRAD=_TL_DTYPES[grad], HAS_MASTER=has_master,
-        MOMENTUM=momentum, ALIGNED=_aligned(rows, range(5)), BLOCK=_BLOCK,
+        MOMENTUM=momentum, ALIGNED=_aligned(rows, _POINTER_COLUMNS), BLOCK=_BLOCK,
         num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )
 
@@ -390,7 +404,7 @@ def _launch_sq_norm_partials(
     _sq_norm_partials_kernel[(n_tiles,)](
         _device_table(rows, partials.device), partials, len(rows), _n_iters(len(rows)),
         GRAD=_TL_DTYPES[grads[indices[0]].dtype], ACC=_TL_DTYPES[partials.dtype],
-        ALIGNED=_aligned(rows, (COL_GRAD.value,)), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        ALIGNED=_aligned(rows, (_COL_GRAD.value,)), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         enable_fp_fusion=False,
     )
 
@@ -408,18 +422,18 @@ def squared_norms_(grads: Sequence[Tensor], out: Tensor) -> Tensor:
         raise ValueError(f"out must be a contiguous fp32 or fp64 tensor, got {out.dtype}")
     if not grads:
         return out
-    _check_device(out.device)
-    grads = [_contiguous_grad(f"grads[{i}]", g, None, out.device) for i, g in enumerate(grads)]
-    tiles = [_n_tiles(g.numel()) for g in grads]
-    _check_grid(sum(tiles))
-    partials = torch.empty(sum(tiles), dtype=out.dtype, device=out.device)
-    firsts, base = [0] * len(grads), 0
-    for indices in _groups([g.dtype for g in grads]).values():
-        _launch_sq_norm_partials(grads, indices, tiles, partials[base:])
-        for i in indices:
-            firsts[i], base = base, base + tiles[i]
-    segments = _device_table(list(zip(firsts, tiles)), out.device)
-    _segment_sum_kernel[(len(grads),)](partials, segments, out, BLOCK=_REDUCE_BLOCK)
+    with _on_device(out.device):
+        grads = [_contiguous_grad(f"grads[{i}]", g, None, out.device) for i, g in enumerate(grads)]
+        tiles = [_n_tiles(g.numel()) for g in grads]
+        _check_grid(sum(tiles))
+        partials = torch.empty(sum(tiles), dtype=out.dtype, device=out.device)
+        firsts, base = [0] * len(grads), 0
+        for indices in _groups([g.dtype for g in grads]).values():
+            _launch_sq_norm_partials(grads, indices, tiles, partials[base:])
+            for i in indices:
+                firsts[i], base = base, base + tiles[i]
+        segments = _device_table(list(zip(firsts, tiles)), out.device)
+        _segment_sum_kernel[(len(grads),)](partials, segments, out, BLOCK=_REDUCE_BLOCK)
     return out
 
 
@@ -444,7 +458,8 @@ def adam_update_(
     ``theta <- theta (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)``, computed in fp32.
     ``masters[i]`` is the fp32 master of a low-precision ``params[i]``: the kernel reads the
     master and writes both the master and the rounded param in the same pass; with ``None``
-    ``params[i]`` itself is updated. ``grads`` may be any float dtype; moments are fp32.
+    ``params[i]`` itself is updated (a bf16/fp16 one is rounded once, from fp32, where the twin
+    also rounds ``theta (1 - lr wd)``). ``grads`` may be any float dtype; moments are fp32.
     ``skip[i]`` (bool or uint8, on device) leaves tensor ``i`` entirely untouched.
     ``step``, ``lr`` and the betas are runtime arguments: changing them never recompiles.
     One launch per (param dtype, grad dtype, has-master) group.
@@ -455,19 +470,20 @@ def adam_update_(
     if n == 0:
         return
     device = params[0].device
-    _check_device(device)
-    skip = _check_skip(skip, n, device)
-    for i in range(n):
-        _check_weights(i, params[i], masters[i], exp_avgs[i], exp_avg_sqs[i])
-    grads = [
-        _contiguous_grad(f"grads[{i}]", g, params[i].shape, device) for i, g in enumerate(grads)
-    ]
-    scalars = (1.0 - beta1, beta2, 1.0 - beta2, bc2, eps, lr / bc1, 1.0 - lr * weight_decay)
-    keys = [(p.dtype, g.dtype, m is not None) for p, g, m in zip(params, grads, masters)]
-    for (param, grad, has_master), indices in _groups(keys).items():
-        rows, tiles = _update_rows(indices, params, grads, masters, exp_avgs, exp_avg_sqs)
-        _launch_update(rows, tiles, skip, device, scalars, param=param, grad=grad,
-                       has_master=has_master, momentum=False)
+    with _on_device(device):
+        skip = _check_skip(skip, n, device)
+        for i in range(n):
+            _check_weights(i, params[i], masters[i], exp_avgs[i], exp_avg_sqs[i])
+        grads = [
+            _contiguous_grad(f"grads[{i}]", g, params[i].shape, device)
+            for i, g in enumerate(grads)
+        ]
+        scalars = (1.0 - beta1, beta2, 1.0 - beta2, bc2, eps, lr / bc1, 1.0 - lr * weight_decay)
+        keys = [(p.dtype, g.dtype, m is not None) for p, g, m in zip(params, grads, masters)]
+        for (param, grad, has_master), indices in _groups(keys).items():
+            rows, tiles = _update_rows(indices, params, grads, masters, exp_avgs, exp_avg_sqs)
+            _launch_update(rows, tiles, skip, device, scalars, param=param, grad=grad,
+                           has_master=has_master, momentum=False)
 
 
 def momentum_step_(
@@ -493,12 +509,12 @@ def momentum_step_(
     if n == 0:
         return
     device = params[0].device
-    _check_device(device)
-    for i in range(n):
-        _check_weights(i, params[i], masters[i], exp_avgs[i], exp_avg_sqs[i])
-    scalars = (1.0 - beta1, beta2, 1.0 - beta2, bc2, eps, lr * beta1 / bc1, 1.0)
-    keys = [(p.dtype, m is not None) for p, m in zip(params, masters)]
-    for (param, has_master), indices in _groups(keys).items():
-        rows, tiles = _update_rows(indices, params, None, masters, exp_avgs, exp_avg_sqs)
-        _launch_update(rows, tiles, None, device, scalars, param=param,
-                       grad=torch.float32, has_master=has_master, momentum=True)
+    with _on_device(device):
+        for i in range(n):
+            _check_weights(i, params[i], masters[i], exp_avgs[i], exp_avg_sqs[i])
+        scalars = (1.0 - beta1, beta2, 1.0 - beta2, bc2, eps, lr * beta1 / bc1, 1.0)
+        keys = [(p.dtype, m is not None) for p, m in zip(params, masters)]
+        for (param, has_master), indices in _groups(keys).items():
+            rows, tiles = _update_rows(indices, params, None, masters, exp_avgs, exp_avg_sqs)
+            _launch_update(rows, tiles, None, device, scalars, param=param,
+                           grad=torch.float32, has_master=has_master, momentum=True)

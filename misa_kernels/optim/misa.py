@@ -161,7 +161,7 @@ class MISA(torch.optim.Optimizer):
         self._group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
 
         self._device = self._common_device(unit_params + dense)
-        self._backend = resolve_backend(backend, self._device)
+        self._backend = resolve_backend(backend, self._device, frozenset(p.dtype for p in unit_params + dense))
         self._backend_name = backend
         self._backward: BackwardPath = AutogradBackward()
         self._original_requires_grad = {p: p.requires_grad for p in all_params}
