@@ -162,33 +162,38 @@ class MISA(torch.optim.Optimizer):
 
         self._device = self._common_device(unit_params + dense)
         self._backend = resolve_backend(backend, self._device, frozenset(p.dtype for p in unit_params + dense))
-        self._backend_name = backend
         self._backward: BackwardPath = AutogradBackward()
         self._original_requires_grad = {p: p.requires_grad for p in all_params}
         self._dense = dense
-        score_dtype = torch.float64 if any(p.dtype == torch.float64 for p in unit_params) else torch.float32
-        self._scores = ScoreTracker(len(units), score_beta, self._device, score_dtype)
-        self._slot_of = {p: i for i, p in enumerate(unit_params)}
-        self._unit_of_slot = [b for b, u in enumerate(units) for _ in u.params]
-        self._hook_sq = torch.zeros(len(unit_params), dtype=score_dtype, device=self._device)
-        self._hook_version: list[Optional[int]] = [None] * len(unit_params)
-        self._dense_skipped = torch.zeros((), dtype=torch.int64, device=self._device)
+        self._init_scoring(unit_params, score_beta)
         self._generator = torch.Generator().manual_seed(seed)
         self._probabilities = torch.full((len(units),), 1.0 / len(units), dtype=torch.float64)
         self._sample_counts = [0] * len(units)
         self._inner_step, self._inner_length, self._dense_step = 0, inner_steps, 0
         self._warned: set[str] = set()
         self._active_cache: dict[tuple[bool, ...], _ActiveSet] = {}
-
-        self._backward.activate(unit_params)  # hooks can only be registered on such tensors
-        self._handles = [p.register_post_accumulate_grad_hook(self._record_grad_norm) for p in unit_params]
-        self._backward.deactivate(all_params)
-        self._backward.activate(dense)
-        self._handles += self._checkpoint_hooks(model)
         self._active = self._make_active([])
+        self._handles = self._freeze_and_hook(model, unit_params, all_params)
         self._activate(*self._select())
 
     # ------------------------------------------------------------------ set-up helpers
+    def _init_scoring(self, unit_params: list[nn.Parameter], score_beta: float) -> None:
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in unit_params) else torch.float32
+        self._scores = ScoreTracker(len(self.units), score_beta, self._device, dtype)
+        self._slot_of = {p: i for i, p in enumerate(unit_params)}
+        self._unit_of_slot = [b for b, u in enumerate(self.units) for _ in u.params]
+        self._hook_sq = torch.zeros(len(unit_params), dtype=dtype, device=self._device)
+        self._hook_version: list[Optional[int]] = [None] * len(unit_params)
+        self._dense_skipped = torch.zeros((), dtype=torch.int64, device=self._device)
+
+    def _freeze_and_hook(self, model: nn.Module, unit_params: list, all_params: list) -> list:
+        """Freeze everything but the dense parameters; hook the modules' gradients."""
+        self._backward.activate(unit_params)  # hooks can only be registered on such tensors
+        handles = [p.register_post_accumulate_grad_hook(self._record_grad_norm) for p in unit_params]
+        self._backward.deactivate(all_params)
+        self._backward.activate(self._dense)
+        return handles + self._checkpoint_hooks(model)
+
     @staticmethod
     def _param_groups(unit_params, dense, weight_decay) -> list[dict]:
         groups = []
