@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from functools import lru_cache
 
 import torch
@@ -45,10 +46,12 @@ def load_text(name: str) -> str:
 def _module_docstrings(module_name: str) -> str:
     module = importlib.import_module(module_name)
     docs = [inspect.getdoc(module) or ""]
-    for attr in sorted(vars(module)):
-        obj = getattr(module, attr)
-        if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == module_name:
-            docs.append(f"{attr}: {inspect.getdoc(obj) or ''}")
+    with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when touched
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == module_name:
+                docs.append(f"{attr}: {inspect.getdoc(obj) or ''}")
     return "\n".join(d for d in docs if d.strip())
 
 
