@@ -86,8 +86,8 @@ class Settings:
 PRESETS: dict[str, Settings] = {
     "cpu": Settings(
         device="cpu", dtype="float32", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=344,
-        seq_len=128, batch_size=16, pretrain_steps=400, pretrain_lr=3e-3, steps=300, lr=3e-3,
-        adamw_lr=1e-3, delta=0.1, inner_steps=25, eval_rows=128, eval_points=4, seed=0,
+        seq_len=128, batch_size=16, pretrain_steps=800, pretrain_lr=3e-3, steps=400, lr=1e-3,
+        adamw_lr=3e-4, delta=0.1, inner_steps=25, eval_rows=128, eval_points=4, seed=0,
     ),
     "cuda": Settings(
         device="cuda", dtype="bfloat16", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1376,
@@ -96,7 +96,7 @@ PRESETS: dict[str, Settings] = {
     ),
     "quick": Settings(
         device="cpu", dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=172,
-        seq_len=64, batch_size=8, pretrain_steps=40, pretrain_lr=3e-3, steps=40, lr=3e-3,
+        seq_len=64, batch_size=8, pretrain_steps=300, pretrain_lr=3e-3, steps=100, lr=1e-3,
         adamw_lr=1e-3, delta=0.1, inner_steps=10, eval_rows=32, eval_points=2, seed=0,
     ),
 }
