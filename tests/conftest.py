@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -53,6 +54,17 @@ def random_batch(batch: int = 2, seq: int = 16, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=generator)
     return {"input_ids": ids, "labels": ids}
+
+
+def enable_checkpointing(model: torch.nn.Module, reentrant: Optional[bool]) -> None:
+    """HF gradient checkpointing, reentrant or not; ``None`` leaves it off."""
+    if reentrant is None:
+        return
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name, no deprecation warning
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @pytest.fixture

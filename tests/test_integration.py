@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import misa_kernels as mk
-from conftest import VOCAB, random_batch, tiny_gpt2, tiny_llama
+from conftest import VOCAB, enable_checkpointing, random_batch, tiny_gpt2, tiny_llama
 
 # --------------------------------------------------------------------------- helpers
 
@@ -44,13 +44,6 @@ def train_step(model, opt, batch) -> float:
     opt.step()
     opt.zero_grad()
     return float(loss.detach())
-
-
-def enable_checkpointing(model, reentrant: bool) -> None:
-    kwargs = {"use_reentrant": reentrant}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deprecated alias in recent transformers
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # =========================================================================== 1. LR schedulers

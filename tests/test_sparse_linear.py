@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 from transformers.pytorch_utils import Conv1D
 
-from conftest import random_batch, tiny_gpt2, tiny_llama
+from conftest import enable_checkpointing, random_batch, tiny_gpt2, tiny_llama
 from misa_kernels.ops import sparse_linear as sl
 
 LINEAR_NAMES = {
@@ -80,16 +80,6 @@ def _slots(model: nn.Module, arch: str, active: tuple[str, ...], on_ready=None) 
         if name in active:
             slots[name].allocate(module.weight, module.bias)
     return slots
-
-
-def _enable_checkpointing(model: nn.Module, mode: Optional[str]) -> None:
-    if mode is None:
-        return
-    kwargs = {"use_reentrant": mode == "reentrant"}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _embedding_grad_probe(model: nn.Module) -> list[Tensor]:
@@ -240,7 +230,7 @@ def test_model_buffers_match_autograd(backend, arch, checkpointing):
 
     ready: list[tuple[str, Tensor]] = []
     slots = _slots(model, arch, active, on_ready=lambda key: ready.append((key, slots[key].weight_buffer.clone())))
-    _enable_checkpointing(model, checkpointing)
+    enable_checkpointing(model, None if checkpointing is None else checkpointing == "reentrant")
     with sl.route_linears(_linears(model, arch), slots):
         losses = [_train_micro_batches(model, batches[:1])[0]]
         # GEMM count and callbacks: once per active module per backward, buffer complete.

@@ -46,6 +46,7 @@ __all__ = [
     "linear_input_grad",
     "linear_weight_grad",
     "linear_weight_grad_accumulate_",
+    "is_routable",
     "native_available",
     "reset_weight_grad_gemm_count",
     "route_linears",
@@ -190,13 +191,17 @@ class GradSlot:
     With ``weight_buffer`` set (fp32, the weight's shape) an active weight's gradient is
     added into it instead of ``weight.grad``; ``bias_buffer`` likewise for the bias. With
     no buffer, an active weight gets an ordinary ``.grad``. Frozen or active is decided by
-    ``weight.requires_grad``, never by the slot.
+    ``weight.requires_grad``, never by the slot. ``on_demand(slot)``, when set, runs in
+    backward before an active module's first contribution while the slot holds no
+    buffer, so buffers can be allocated lazily (an optimizer that frees them after each
+    step then holds gradient memory only between backward and step).
     """
 
     key: str
     weight_buffer: Optional[Tensor] = None
     bias_buffer: Optional[Tensor] = None
     on_grad_ready: Optional[Callable[[str], None]] = None
+    on_demand: Optional[Callable[["GradSlot"], None]] = None
 
     def allocate(self, weight: Tensor, bias: Optional[Tensor] = None) -> None:
         """Zeroed fp32 buffers shaped like ``weight`` (and ``bias``)."""
@@ -230,6 +235,9 @@ def _weight_grad(grad_out: Tensor, x: Tensor, transposed: bool) -> Tensor:
 def _param_grads(grad_out: Tensor, x: Optional[Tensor], slot: Optional[GradSlot], need_w: bool,
                  need_b: bool, transposed: bool) -> tuple[Optional[Tensor], Optional[Tensor], bool]:
     """(grad for weight, grad for bias, whether a buffer received anything)."""
+    if slot is not None and slot.on_demand is not None and (need_w or need_b) \
+            and slot.weight_buffer is None and slot.bias_buffer is None:
+        slot.on_demand(slot)
     w_buf = slot.weight_buffer if slot is not None and need_w else None
     b_buf = slot.bias_buffer if slot is not None and need_b else None
     grad_w = grad_b = None
@@ -306,6 +314,16 @@ def _conv1d_class() -> Optional[type]:
     except ImportError:
         return None
     return Conv1D
+
+
+def is_routable(module: nn.Module) -> bool:
+    """Whether :func:`route_linears` accepts ``module``: an ``nn.Linear`` or HF ``Conv1D``
+    running its class's own forward, not routed yet."""
+    try:
+        _is_transposed("", module)
+    except TypeError:
+        return False
+    return True
 
 
 def _is_transposed(name: str, module: nn.Module) -> bool:

@@ -10,10 +10,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..backward import AutogradBackward, BackwardPath
+from ..backward import AutogradBackward, BackwardPath, SparseBackward
 from ..integrations.checkpointing import attach_input_grad_hooks
 from ..modules import ModuleFilter, Unit, discover_modules, find_block_list, group_by_layer
 from ..ops.backend import BACKENDS, resolve_backend
+from ..ops.sparse_linear import is_routable
 from .sampling import STRATEGIES, draw_order, sampling_probabilities, select_within_budget
 from .scores import ScoreTracker
 
@@ -53,6 +54,8 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "backend": (lambda v: v in BACKENDS, f"must be one of {BACKENDS}"),
     "sweep_steps": (lambda v: isinstance(v, int) and v >= 1, "must be an int >= 1"),
     "max_logit": (lambda v: v > 0, "must be > 0"),
+    "sparse_backward": (lambda v: isinstance(v, bool), "must be a bool"),
+    "step_in_backward": (lambda v: isinstance(v, bool), "must be a bool"),
 }
 
 
@@ -114,6 +117,19 @@ class MISA(torch.optim.Optimizer):
             for ``sweep_steps`` steps so that all have a score (not used by ``"uniform"``).
         max_logit: cap on ``eta * G_b / mean(G)``; the largest probability ratio is
             ``exp(max_logit)``.
+        sparse_backward: route the modules' ``nn.Linear``/``Conv1D`` layers through the
+            sparse-backward ops (the ``csrc`` extension, or its PyTorch twin): a frozen
+            module runs no weight-gradient GEMM and saves no input, an active module's
+            gradient is accumulated in fp32 into a buffer that exists only from backward
+            to ``step()`` (gradient-accumulation fusion). For bf16/fp16 weights that
+            gradient is not in ``.grad`` (torch requires the parameter's dtype there):
+            read it with :meth:`gradient` and clip with :meth:`clip_grad_norm_`.
+        step_in_backward: implies ``sparse_backward``; each active module is updated as
+            soon as its gradient is complete and the gradient is freed at once, so at most
+            one module's gradient exists at a time. Incompatible with gradient
+            accumulation and with clipping (the update has happened before ``step()``);
+            a second gradient for a module before ``step()`` raises. With
+            ``granularity="layer"`` a non-finite gradient skips only its own module.
     """
 
     def __init__(
@@ -137,10 +153,13 @@ class MISA(torch.optim.Optimizer):
         sweep: bool = True,
         sweep_steps: int = 1,
         max_logit: float = 5.0,
+        sparse_backward: bool = False,
+        step_in_backward: bool = False,
     ):
         _check_args(lr=lr, delta=delta, eta=eta, inner_steps=inner_steps, betas=betas, eps=eps,
                     weight_decay=weight_decay, score_beta=score_beta, mode=mode, strategy=strategy,
-                    granularity=granularity, backend=backend, sweep_steps=sweep_steps, max_logit=max_logit)
+                    granularity=granularity, backend=backend, sweep_steps=sweep_steps, max_logit=max_logit,
+                    sparse_backward=sparse_backward, step_in_backward=step_in_backward)
         modules = discover_modules(model, module_filter)
         units = modules if granularity == "module" else group_by_layer(modules)
         self.units: list[Unit] = units
@@ -162,7 +181,12 @@ class MISA(torch.optim.Optimizer):
 
         self._device = self._common_device(unit_params + dense)
         self._backend = resolve_backend(backend, self._device, frozenset(p.dtype for p in unit_params + dense))
-        self._backward: BackwardPath = AutogradBackward()
+        self._step_in_backward = step_in_backward
+        self._stepped_in_backward: set[str] = set()
+        self._module_slot_ids: dict[str, Tensor] = {}
+        self._backward: BackwardPath = (
+            self._sparse_backward(model) if sparse_backward or step_in_backward else AutogradBackward()
+        )
         self._original_requires_grad = {p: p.requires_grad for p in all_params}
         self._dense = dense
         self._init_scoring(unit_params, score_beta)
@@ -186,10 +210,20 @@ class MISA(torch.optim.Optimizer):
         self._hook_version: list[Optional[int]] = [None] * len(unit_params)
         self._dense_skipped = torch.zeros((), dtype=torch.int64, device=self._device)
 
+    def _sparse_backward(self, model: nn.Module) -> SparseBackward:
+        modules = {name: model.get_submodule(name) for u in self.units for name in u.module_names}
+        unsupported = sorted(name for name, m in modules.items() if not is_routable(m))
+        if unsupported and self._step_in_backward:
+            raise ValueError(f"step_in_backward=True needs every module to be an nn.Linear or Conv1D with its "
+                             f"own forward; these are not: {unsupported[:5]}")
+        routed = {name: m for name, m in modules.items() if name not in unsupported}
+        return SparseBackward(routed, self._on_module_grad)
+
     def _freeze_and_hook(self, model: nn.Module, unit_params: list, all_params: list) -> list:
         """Freeze everything but the dense parameters; hook the modules' gradients."""
         self._backward.activate(unit_params)  # hooks can only be registered on such tensors
-        handles = [p.register_post_accumulate_grad_hook(self._record_grad_norm) for p in unit_params]
+        hooked = [p for p in unit_params if not self._backward.routes(p)]  # routed ones call back
+        handles = [p.register_post_accumulate_grad_hook(self._record_grad_norm) for p in hooked]
         self._backward.deactivate(all_params)
         self._backward.activate(self._dense)
         return handles + self._checkpoint_hooks(model)
@@ -259,15 +293,50 @@ class MISA(torch.optim.Optimizer):
             if state.get("master") is not None:
                 master += _nbytes(state["master"])
             moments += _nbytes(state.get("exp_avg")) + _nbytes(state.get("exp_avg_sq"))
-        grads = sum(_nbytes(p.grad) for g in self.param_groups for p in g["params"])
+        grads = sum(_nbytes(self._backward.grad(p)) for g in self.param_groups for p in g["params"])
         tracker = self._scores
         buffers = sum(map(_nbytes, (tracker.norm_sum, tracker.finite_steps, tracker.skipped_steps, self._hook_sq)))
         report = dict(master_weights=master, moments=moments, gradients=grads, score_buffers=buffers)
         report["total"] = sum(report.values())
         return report
 
+    def gradient(self, param: nn.Parameter) -> Optional[Tensor]:
+        """The gradient the next ``step()`` applies to ``param``: ``param.grad``, or with
+        ``sparse_backward`` the fp32 buffer of a routed module (``None`` when it has none)."""
+        return self._backward.grad(param)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the gradients :meth:`gradient` returns
+        (with ``sparse_backward`` on bf16/fp16 weights torch's own cannot see them).
+        Returns the total norm before clipping."""
+        if self._step_in_backward:
+            raise RuntimeError("clip_grad_norm_: with step_in_backward=True the updates happen during "
+                               "backward, so there is nothing left to clip")
+        grads = [g for group in self.param_groups for p in group["params"] if (g := self.gradient(p)) is not None]
+        if not grads:
+            return torch.zeros((), device=self._device)
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads])
+        total = torch.linalg.vector_norm(norms, norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coef.to(grad.dtype))
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``.grad`` as torch does, and free the sparse-backward buffers."""
+        super().zero_grad(set_to_none)
+        self._backward.clear_grads()
+
+    def __enter__(self) -> "MISA":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
     def detach(self) -> None:
-        """Remove MISA's hooks and restore every parameter's original ``requires_grad``."""
+        """Remove MISA's hooks and routing, restore every parameter's original ``requires_grad``.
+        Also runs when a ``with MISA(...) as opt:`` block ends."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -294,15 +363,55 @@ class MISA(torch.optim.Optimizer):
     def _record_grad_norm(self, param: nn.Parameter) -> None:
         # Runs when backward has accumulated ``param.grad``: the score sees the gradient
         # before any clipping or unscaling the user applies before ``step()``.
+        self._record(param, param.grad)
+
+    def _record(self, param: nn.Parameter, grad: Tensor) -> None:
         slot = self._slot_of[param]
-        self._hook_sq[slot] = torch.linalg.vector_norm(param.grad, dtype=self._hook_sq.dtype).square()
-        self._hook_version[slot] = param.grad._version
+        self._hook_sq[slot] = torch.linalg.vector_norm(grad, dtype=self._hook_sq.dtype).square()
+        self._hook_version[slot] = grad._version
+
+    @torch.no_grad()
+    def _on_module_grad(self, name: str) -> None:
+        """Sparse backward: ``name``'s fp32 gradient is complete for this backward."""
+        params = self._backward.params_of[name]
+        for param in params:
+            self._record(param, self._backward.grad(param))
+        if self._step_in_backward:
+            self._step_module_now(name, params)
+
+    def _step_module_now(self, name: str, params: tuple[nn.Parameter, ...]) -> None:
+        if name in self._stepped_in_backward:
+            raise RuntimeError(f"step_in_backward=True: {name} received a second gradient before step(); "
+                               "gradient accumulation (or calling a module twice per forward) needs "
+                               "step_in_backward=False")
+        self._stepped_in_backward.add(name)
+        params = sorted(params, key=self._group_of.__getitem__)
+        if name not in self._module_slot_ids:  # one host-to-device copy per module, ever
+            self._module_slot_ids[name] = torch.as_tensor([self._slot_of[p] for p in params], device=self._device)
+        finite = torch.isfinite(self._hook_sq.index_select(0, self._module_slot_ids[name]).sum())
+        skip = (~finite).repeat(len(params))
+        grads = [self._backward.grad(p) for p in params]
+        self._adam(params, grads, skip, self._group_ranges(params), self._inner_step + 1)
+        self._backward.release_grads(params)
+
+    def _score_modules_stepped_in_backward(self) -> None:
+        routed = self._backward.params_of
+        stepped = {p for name in self._stepped_in_backward for p in routed[name]}
+        active = self._active_subset(tuple(p in stepped for p in self._active.params))
+        self._stepped_in_backward.clear()
+        if not active.params:
+            return
+        unit_scored = self._per_unit(active, self._hook_sq.index_select(0, active.slot_ids))
+        self._scores.accumulate(active.unit_ids, unit_scored / active.unit_numel, torch.isfinite(unit_scored))
 
     def _update_active(self) -> None:
+        if self._step_in_backward:
+            self._score_modules_stepped_in_backward()
+            return
         active = self._active_with_grads()
         if not active.params:
             return
-        grads = [p.grad for p in active.params]
+        grads = [self._backward.grad(p) for p in active.params]
         hooked = all(self._hook_version[s] is not None for s in active.slots)
         unchanged = hooked and all(self._hook_version[s] == g._version for s, g in zip(active.slots, grads))
         recorded = self._hook_sq.index_select(0, active.slot_ids) if hooked else None
@@ -313,6 +422,7 @@ class MISA(torch.optim.Optimizer):
         self._scores.accumulate(active.unit_ids, unit_scored / active.unit_numel, finite)
         skip = (~finite).index_select(0, active.local_unit)
         self._adam(active.params, grads, skip, active.group_ranges, self._inner_step + 1)
+        self._backward.release_grads(active.params)
         for slot in active.slots:
             self._hook_version[slot] = None
 
@@ -442,13 +552,16 @@ class MISA(torch.optim.Optimizer):
         return active
 
     def _active_with_grads(self) -> _ActiveSet:
-        has_grad = tuple(p.grad is not None for p in self._active.params)
-        if all(has_grad):
+        return self._active_subset(tuple(self._backward.grad(p) is not None for p in self._active.params))
+
+    def _active_subset(self, mask: tuple[bool, ...]) -> _ActiveSet:
+        """The active set restricted to the parameters where ``mask`` is True (cached)."""
+        if all(mask):
             return self._active
-        if has_grad not in self._active_cache:
-            params = [p for p, ok in zip(self._active.params, has_grad) if ok]
-            self._active_cache[has_grad] = self._make_active(self._active.units, params)
-        return self._active_cache[has_grad]
+        if mask not in self._active_cache:
+            params = [p for p, keep in zip(self._active.params, mask) if keep]
+            self._active_cache[mask] = self._make_active(self._active.units, params)
+        return self._active_cache[mask]
 
     def _group_ranges(self, params: list[nn.Parameter]) -> list[tuple[int, int, int]]:
         ranges: list[tuple[int, int, int]] = []
