@@ -70,11 +70,17 @@ def test_sparse_paths_train_like_autograd(path, arch, checkpointing):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_bf16_gradients_accumulate_in_fp32_outside_grad():
-    reference = _model("llama", torch.bfloat16)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_gradients_accumulate_in_fp32_outside_grad(device):
+    """On CUDA this runs the native op's bf16 x bf16 -> fp32 GEMM (addmm out_dtype)."""
+    reference = _model("llama", torch.bfloat16).to(device)
     model = copy.deepcopy(reference)
     ref_opt, opt = _misa(reference, "autograd"), _misa(model, "sparse")
-    batch = random_batch(seed=3)
+    batch = {k: v.to(device) for k, v in random_batch(seed=3).items()}
     reference(**batch).loss.backward()
     model(**batch).loss.backward()
     active, ref_active = _active_params(opt, model), _active_params(ref_opt, reference)
@@ -256,9 +262,11 @@ def test_peak_gradient_memory(monkeypatch, path):
     tracked = _track_buffer_bytes(monkeypatch)
     for step in range(6):
         tracked["peak"] = tracked["live"]
+        opt.reset_peak_gradient_bytes()
         model(**random_batch(seed=step)).loss.backward()
         module_bytes = [4 * sum(p.numel() for p in model.get_submodule(n).parameters()) for n in opt.active_modules]
         assert len(module_bytes) >= 2
+        assert opt.peak_gradient_bytes == tracked["peak"]
         if path == "step_in_backward":
             assert tracked["peak"] <= max(module_bytes)
             assert tracked["live"] == 0

@@ -300,6 +300,19 @@ class MISA(torch.optim.Optimizer):
         report["total"] = sum(report.values())
         return report
 
+    @property
+    def peak_gradient_bytes(self) -> Optional[int]:
+        """With ``sparse_backward``: the most gradient-buffer bytes held at once since the
+        last :meth:`reset_peak_gradient_bytes` (with ``step_in_backward``, one module's
+        worth). ``None`` on the autograd path, whose gradients all live until ``step()``
+        (see ``memory_report()["gradients"]``)."""
+        return getattr(self._backward, "peak_bytes", None)
+
+    def reset_peak_gradient_bytes(self) -> None:
+        """Start a new :attr:`peak_gradient_bytes` measurement."""
+        if isinstance(self._backward, SparseBackward):
+            self._backward.reset_peak()
+
     def gradient(self, param: nn.Parameter) -> Optional[Tensor]:
         """The gradient the next ``step()`` applies to ``param``: ``param.grad``, or with
         ``sparse_backward`` the fp32 buffer of a routed module (``None`` when it has none)."""
