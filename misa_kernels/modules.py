@@ -71,6 +71,20 @@ def _layer_index(name: str, block_prefix: Optional[str]) -> int:
     return int(match.group(1)) if match else -1
 
 
+_LORA_MATRIX = re.compile(r"\.lora_[AB]\.[^.]+$")
+
+
+def is_lora_matrix(name: str, module: nn.Module) -> bool:
+    """A PEFT LoRA ``A`` or ``B`` matrix (``...q_proj.lora_A.default``): MISA's modules
+    on a LoRA model (paper B.2)."""
+    return isinstance(module, nn.Linear) and _LORA_MATRIX.search(name) is not None
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    """Whether ``model`` carries PEFT LoRA adapters."""
+    return any(is_lora_matrix(name, m) for name, m in model.named_modules())
+
+
 def discover_modules(model: nn.Module, module_filter: Optional[ModuleFilter] = None) -> list[Unit]:
     """Every module of ``model`` as a :class:`Unit`, in model order.
 

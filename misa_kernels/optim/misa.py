@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..backward import AutogradBackward, BackwardPath, SparseBackward
 from ..integrations.checkpointing import attach_input_grad_hooks
-from ..modules import ModuleFilter, Unit, discover_modules, find_block_list, group_by_layer
+from ..modules import ModuleFilter, Unit, discover_modules, find_block_list, group_by_layer, is_lora_matrix, is_lora_model
 from ..ops.backend import BACKENDS, resolve_backend
 from ..ops.sparse_linear import is_routable
 from .sampling import STRATEGIES, draw_order, sampling_probabilities, select_within_budget
@@ -56,6 +56,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "max_logit": (lambda v: v > 0, "must be > 0"),
     "sparse_backward": (lambda v: isinstance(v, bool), "must be a bool"),
     "step_in_backward": (lambda v: isinstance(v, bool), "must be a bool"),
+    "keep_states": (lambda v: v is None or isinstance(v, bool), "must be None or a bool"),
 }
 
 
@@ -130,6 +131,13 @@ class MISA(torch.optim.Optimizer):
             accumulation and with clipping (the update has happened before ``step()``);
             a second gradient for a module before ``step()`` raises. With
             ``granularity="layer"`` a non-finite gradient skips only its own module.
+        keep_states: keep a module's moments when it is deactivated and continue them
+            (with its own Adam step count) when it is sampled again, instead of freeing
+            them (Alg. 1 line 17). Default: ``True`` on a PEFT LoRA model, else ``False``.
+
+    On a PEFT LoRA model (paper B.2) each LoRA ``A`` and ``B`` matrix is a module, the
+    budget ``delta`` is relative to the LoRA parameters, the base weights are never
+    trained (``mode="finetune"`` only) and states are kept across switches.
     """
 
     def __init__(
@@ -155,12 +163,17 @@ class MISA(torch.optim.Optimizer):
         max_logit: float = 5.0,
         sparse_backward: bool = False,
         step_in_backward: bool = False,
+        keep_states: Optional[bool] = None,
     ):
         _check_args(lr=lr, delta=delta, eta=eta, inner_steps=inner_steps, betas=betas, eps=eps,
                     weight_decay=weight_decay, score_beta=score_beta, mode=mode, strategy=strategy,
                     granularity=granularity, backend=backend, sweep_steps=sweep_steps, max_logit=max_logit,
-                    sparse_backward=sparse_backward, step_in_backward=step_in_backward)
-        modules = discover_modules(model, module_filter)
+                    sparse_backward=sparse_backward, step_in_backward=step_in_backward, keep_states=keep_states)
+        self.lora = module_filter is None and isinstance(model, nn.Module) and is_lora_model(model)
+        if self.lora and mode == "pretrain":
+            raise ValueError("mode='pretrain' trains the base weights densely; a LoRA model needs mode='finetune'")
+        self.keep_states = self.lora if keep_states is None else keep_states
+        modules = discover_modules(model, is_lora_matrix if self.lora else module_filter)
         units = modules if granularity == "module" else group_by_layer(modules)
         self.units: list[Unit] = units
         self.delta, self.eta, self.inner_steps = delta, eta, inner_steps
@@ -173,7 +186,8 @@ class MISA(torch.optim.Optimizer):
             raise ValueError("model: a parameter belongs to two modules (shared weights are not supported)")
         unit_ids = {id(p) for p in unit_params}
         dense = [p for p in all_params if id(p) not in unit_ids] if mode == "pretrain" else []
-        self.n_model_params = sum(p.numel() for p in all_params)
+        budget_params = unit_params if self.lora else all_params  # B.2: delta of the LoRA parameters
+        self.n_model_params = sum(p.numel() for p in budget_params)
         self.budget = delta * self.n_model_params
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(self._param_groups(unit_params, dense, weight_decay), defaults)
@@ -462,15 +476,33 @@ class MISA(torch.optim.Optimizer):
     def _adam(self, params, grads, skip, ranges, step: int) -> None:
         for group_index, start, end in ranges:
             group = self.param_groups[group_index]
-            chunk = params[start:end]
-            states = [self._state_for(p) for p in chunk]
             beta1, beta2 = group["betas"]
-            self._backend.adam_update_(
-                chunk, grads[start:end], [s["master"] for s in states],
-                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], skip[start:end],
-                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"],
-            )
+            for lo, hi, t in self._step_runs(params, start, end, group, step, advance=True):
+                states = [self._state_for(p) for p in params[lo:hi]]
+                self._backend.adam_update_(
+                    params[lo:hi], grads[lo:hi], [s["master"] for s in states],
+                    [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], skip[lo:hi],
+                    step=t, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
+
+    def _step_runs(self, params, start: int, end: int, group: dict, step: int, advance: bool):
+        """``(lo, hi, t)`` runs of ``params[start:end]`` sharing the Adam step ``t``: the
+        inner step, or with ``keep_states`` each module's own count (``advance``: this is
+        a new update, count it)."""
+        if not (self.keep_states and group["role"] == "module"):
+            yield start, end, step
+            return
+        steps = []
+        for param in params[start:end]:
+            state = self._state_for(param)
+            state["step"] += int(advance)
+            steps.append(state["step"])
+        lo = start
+        for i in range(start + 1, end + 1):
+            if i == end or steps[i - start] != steps[lo - start]:
+                yield lo, i, steps[lo - start]
+                lo = i
 
     def _state_for(self, param: nn.Parameter) -> dict:
         state = self.state[param]
@@ -480,6 +512,8 @@ class MISA(torch.optim.Optimizer):
             state["master"] = param.detach().float().clone() if low else None
             state["exp_avg"] = torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            if self.keep_states:
+                state["step"] = 0
         return state
 
     # ------------------------------------------------------------------ switching
@@ -497,14 +531,14 @@ class MISA(torch.optim.Optimizer):
         params = [p for p in self._active.params if self.state.get(p)]
         for group_index, start, end in self._group_ranges(params):
             group = self.param_groups[group_index]
-            chunk = params[start:end]
-            states = [self.state[p] for p in chunk]
             beta1, beta2 = group["betas"]
-            self._backend.momentum_step_(
-                chunk, [s["master"] for s in states], [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states], step=self._inner_step, lr=group["lr"],
-                beta1=beta1, beta2=beta2, eps=group["eps"],
-            )
+            for lo, hi, t in self._step_runs(params, start, end, group, self._inner_step, advance=False):
+                states = [self.state[p] for p in params[lo:hi]]
+                self._backend.momentum_step_(
+                    params[lo:hi], [s["master"] for s in states], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], step=t, lr=group["lr"],
+                    beta1=beta1, beta2=beta2, eps=group["eps"],
+                )
 
     def _current_probabilities(self) -> Tensor:
         eta = 0.0 if self.strategy == "uniform" else self.eta
@@ -543,8 +577,9 @@ class MISA(torch.optim.Optimizer):
         self._inner_step, self._inner_length = 0, length
 
     def _deactivate(self) -> None:
-        for param in self._active.params:
-            self.state.pop(param, None)
+        if not self.keep_states:
+            for param in self._active.params:
+                self.state.pop(param, None)
         self._backward.deactivate(self._active.params)
         self._active_cache.clear()
 
