@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Optional, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from .ops.sparse_linear import GradSlot, route_linears
@@ -32,6 +33,8 @@ class BackwardPath(Protocol):
     def routes(self, param: nn.Parameter) -> bool: ...
 
     def grad(self, param: nn.Parameter) -> Optional[Tensor]: ...
+
+    def ensure_grad(self, param: nn.Parameter) -> Tensor: ...
 
     def release_grads(self, params: Iterable[nn.Parameter]) -> None: ...
 
@@ -59,6 +62,12 @@ class AutogradBackward:
         return False
 
     def grad(self, param: nn.Parameter) -> Optional[Tensor]:
+        return param.grad
+
+    def ensure_grad(self, param: nn.Parameter) -> Tensor:
+        """The gradient of ``param``, zeros if backward gave it none."""
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
         return param.grad
 
     def release_grads(self, params: Iterable[nn.Parameter]) -> None:
@@ -106,6 +115,14 @@ class SparseBackward(AutogradBackward):
     def grad(self, param: nn.Parameter) -> Optional[Tensor]:
         found = self._slot_of.get(param)
         return param.grad if found is None else getattr(found[0], found[1])
+
+    def ensure_grad(self, param: nn.Parameter) -> Tensor:
+        found = self._slot_of.get(param)
+        if found is None:
+            return super().ensure_grad(param)
+        if self.grad(param) is None:
+            self._allocate(found[0])
+        return self.grad(param)
 
     def _allocate(self, slot: GradSlot) -> None:
         module = self._modules[slot.key]

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..backward import AutogradBackward, BackwardPath, SparseBackward
 from ..integrations.checkpointing import attach_input_grad_hooks
 from ..modules import ModuleFilter, Unit, discover_modules, find_block_list, group_by_layer, is_lora_matrix, is_lora_model
@@ -135,6 +136,12 @@ class MISA(torch.optim.Optimizer):
             (with its own Adam step count) when it is sampled again, instead of freeing
             them (Alg. 1 line 17). Default: ``True`` on a PEFT LoRA model, else ``False``.
 
+    Under ``torch.distributed`` (DDP, or no wrapper at all) ``step()`` averages the
+    gradients of the active set and the dense parameters over the ranks itself, so only
+    ``delta`` of the model is communicated and scores come from the averaged gradients;
+    every rank must use the same ``seed`` (checked at every draw). Clip with
+    :meth:`clip_grad_norm_`, which averages first. FSDP is not supported yet.
+
     On a PEFT LoRA model (paper B.2) each LoRA ``A`` and ``B`` matrix is a module, the
     budget ``delta`` is relative to the LoRA parameters, the base weights are never
     trained (``mode="finetune"`` only) and states are kept across switches.
@@ -173,6 +180,13 @@ class MISA(torch.optim.Optimizer):
         if self.lora and mode == "pretrain":
             raise ValueError("mode='pretrain' trains the base weights densely; a LoRA model needs mode='finetune'")
         self.keep_states = self.lora if keep_states is None else keep_states
+        self._distributed = distributed.world_size() > 1
+        if self._distributed:
+            distributed.reject_sharded(model)
+            if step_in_backward:
+                raise ValueError("step_in_backward=True updates during backward, before the gradients of the "
+                                 "ranks can be averaged: use step_in_backward=False under torch.distributed")
+        self._grads_synced = False
         modules = discover_modules(model, is_lora_matrix if self.lora else module_filter)
         units = modules if granularity == "module" else group_by_layer(modules)
         self.units: list[Unit] = units
@@ -335,11 +349,13 @@ class MISA(torch.optim.Optimizer):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the gradients :meth:`gradient` returns
-        (with ``sparse_backward`` on bf16/fp16 weights torch's own cannot see them).
-        Returns the total norm before clipping."""
+        (with ``sparse_backward`` on bf16/fp16 weights torch's own cannot see them; under
+        ``torch.distributed`` they are averaged over the ranks first). Returns the total
+        norm before clipping."""
         if self._step_in_backward:
             raise RuntimeError("clip_grad_norm_: with step_in_backward=True the updates happen during "
                                "backward, so there is nothing left to clip")
+        self._sync_grads()  # under torch.distributed, clip the averaged gradient
         grads = [g for group in self.param_groups for p in group["params"] if (g := self.gradient(p)) is not None]
         if not grads:
             return torch.zeros((), device=self._device)
@@ -379,13 +395,30 @@ class MISA(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_grads()
         self._update_active()
         if self._dense:
             self._update_dense()
+        self._grads_synced = False
         self._inner_step += 1
         if self._inner_step >= self._inner_length:
             self._switch()
         return loss
+
+    def _sync_grads(self) -> None:
+        """Under torch.distributed, average the gradients ``step()`` applies over the ranks
+        (once per step) and take the scores' norms from the average, before any clipping
+        through :meth:`clip_grad_norm_`."""
+        if not self._distributed or self._grads_synced:
+            return
+        self._grads_synced = True
+        module_grads = [self._backward.ensure_grad(p) for p in self._active.params]
+        dense_grads = [g for p in self._dense if (g := self._backward.grad(p)) is not None]
+        distributed.average_(module_grads + dense_grads)
+        if module_grads:
+            self._hook_sq.index_copy_(0, self._active.slot_ids, self._squared_norms(module_grads))
+            for slot, grad in zip(self._active.slots, module_grads):
+                self._hook_version[slot] = grad._version
 
     def _record_grad_norm(self, param: nn.Parameter) -> None:
         # Runs when backward has accumulated ``param.grad``: the score sees the gradient
@@ -565,6 +598,8 @@ class MISA(torch.optim.Optimizer):
                 f"delta={self.delta} allows {int(self.budget)} parameters, fewer than any sampled "
                 f"unit (e.g. {self.units[chosen[0]].name}: {sizes[chosen[0]]}); activating one unit at a time",
             )
+        if self._distributed:
+            distributed.check_same_draw(chosen, self._device)
         return chosen, length
 
     def _activate(self, units: list[int], length: int, count: bool = True) -> None:
