@@ -56,6 +56,22 @@ def random_batch(batch: int = 2, seq: int = 16, seed: int = 0) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
+def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
+    """Bytes of tensors autograd saves during one forward of ``model``, parameters excluded."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in param_storages:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return total
+
+
 def enable_checkpointing(model: torch.nn.Module, reentrant: Optional[bool]) -> None:
     """HF gradient checkpointing, reentrant or not; ``None`` leaves it off."""
     if reentrant is None:

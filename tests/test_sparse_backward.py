@@ -3,15 +3,14 @@ gradients, saved activations, GEMMs, gradient memory and the model left untouche
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import saved_tensors_hooks
 
 import misa_kernels as mk
-from conftest import enable_checkpointing, random_batch, tiny_gpt2, tiny_llama
+from conftest import enable_checkpointing, random_batch, saved_activation_bytes, tiny_gpt2, tiny_llama
 from misa_kernels.ops import sparse_linear as sl
 
 PATHS = {"autograd": {}, "sparse": {"sparse_backward": True}, "step_in_backward": {"step_in_backward": True}}
@@ -132,6 +131,7 @@ def test_misa_clipping_of_bf16_buffers_matches_torch_clipping():
     reference = _model("llama", torch.bfloat16)
     model = copy.deepcopy(reference)
     ref_opt, opt = _misa(reference, "autograd"), _misa(model, "sparse")
+    assert ref_opt.active_modules == opt.active_modules  # the same modules get gradients
     batch = random_batch(seed=5)
     reference(**batch).loss.backward()
     model(**batch).loss.backward()
@@ -144,22 +144,6 @@ def test_misa_clipping_of_bf16_buffers_matches_torch_clipping():
 
 
 # ---------------------------------------------------------------------- saved activations
-def _saved_bytes(model: nn.Module, batch: dict) -> int:
-    """Bytes autograd saves during one forward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in params:
-            total += t.numel() * t.element_size()
-        return t
-
-    with saved_tensors_hooks(pack, lambda t: t):
-        model(**batch)
-    return total
-
-
 def _saved_linear_inputs(model: nn.Module, batch: dict, linears: dict[str, nn.Module]) -> dict[str, bool]:
     """Which routed Linear layers kept their input for backward."""
     outputs: dict[str, Tensor] = {}
@@ -182,11 +166,11 @@ def test_activating_one_module_saves_exactly_its_input(kind):
                   module_filter=lambda name, _m: name == target)
     assert opt.active_modules == [target]
     batch, (b, s) = random_batch(batch=2, seq=16), (2, 16)
-    active_bytes = _saved_bytes(model, batch)
+    active_bytes = saved_activation_bytes(model, batch)
     target_params = list(model.get_submodule(target).parameters())
     for p in target_params:
         p.requires_grad_(False)
-    frozen_bytes = _saved_bytes(model, batch)
+    frozen_bytes = saved_activation_bytes(model, batch)
     for p in target_params:
         p.requires_grad_(True)
 

@@ -6,16 +6,14 @@ import copy
 import subprocess
 import sys
 import warnings
-from typing import Optional
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.graph import saved_tensors_hooks
 from transformers.pytorch_utils import Conv1D
 
-from conftest import enable_checkpointing, random_batch, tiny_gpt2, tiny_llama
+from conftest import enable_checkpointing, random_batch, saved_activation_bytes, tiny_gpt2, tiny_llama
 from misa_kernels.ops import sparse_linear as sl
 
 LINEAR_NAMES = {
@@ -277,22 +275,6 @@ def test_model_bf16_under_autocast(backend):
 
 
 # ---------------------------------------------------------------------- saved activations
-def _saved_activation_bytes(model: nn.Module, batch: dict) -> int:
-    """Bytes of tensors autograd saves during one forward, parameters excluded."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in param_storages:
-            total += t.numel() * t.element_size()
-        return t
-
-    with saved_tensors_hooks(pack, lambda t: t):
-        model(**batch)
-    return total
-
-
 def _frozen_llama(active: tuple[str, ...] = ()) -> nn.Module:
     model = _make_model("llama")
     _set_active(model, "llama", active)
@@ -309,9 +291,9 @@ def test_one_active_module_saves_exactly_its_input(backend, kind):
     def measure(active: tuple[str, ...], routed: bool) -> int:
         model = _frozen_llama(active)
         if not routed:
-            return _saved_activation_bytes(model, batch)
+            return saved_activation_bytes(model, batch)
         with sl.route_linears(_linears(model, "llama"), _slots(model, "llama", active)):
-            return _saved_activation_bytes(model, batch)
+            return saved_activation_bytes(model, batch)
 
     frozen, one = measure((), True), measure((name,), True)
     module = _linears(tiny_llama(), "llama")[name]
