@@ -62,7 +62,7 @@ class Setup:
     measured: int = 3  # MISA sampling seeds
 
 
-# 6 layers (4.3M parameters): delta=1% (43k) still fits a k/v projection (33k), as on big models.
+# 6 layers (4.48M parameters): delta=1% (45k) still fits a k/v projection (33k), as on big models.
 QUICK = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 # TinyLlama-1.1B's shape (22 layers, GQA 32/4, SwiGLU 5632): a >= 1B LLaMA-style model.

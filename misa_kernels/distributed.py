@@ -54,8 +54,7 @@ def check_same_draw(units: Sequence[int], device: torch.device) -> None:
 def reject_sharded(model: nn.Module) -> None:
     """FSDP shards parameters (``DTensor``s or flat parameters): not supported yet, say so."""
     for name, module in model.named_modules():
-        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or \
-                any(type(m).__name__.startswith("FSDP") for m in type(module).__mro__):
+        if any(cls.__name__ in ("FullyShardedDataParallel", "FSDPModule") for cls in type(module).__mro__):
             raise NotImplementedError(f"model: {name or 'the model'} is FSDP-sharded; MISA supports DDP "
                                       "(or no wrapper) under torch.distributed, FSDP is not supported yet")
     for name, param in model.named_parameters():

@@ -108,3 +108,19 @@ def test_ranks_with_different_seeds_are_refused(tmp_path):
     ranks = _run(tmp_path, "different_seeds")
     for result in ranks:
         assert result["error"] is not None and "sampled different modules" in result["error"]
+
+
+def test_fsdp2_sharded_models_are_refused_clearly(tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    from misa_kernels.distributed import reject_sharded
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        reject_sharded(model)  # a plain model passes
+        fully_shard(model)
+        with pytest.raises(NotImplementedError, match="FSDP-sharded"):
+            reject_sharded(model)
+    finally:
+        dist.destroy_process_group()
