@@ -5,7 +5,8 @@
 """
 from .modules import Unit, discover_modules, find_block_list
 from .optim.misa import MISA
+from .estimate import estimate_memory
 
 __version__ = "0.1.0"
 
-__all__ = ["MISA", "Unit", "discover_modules", "find_block_list", "__version__"]
+__all__ = ["MISA", "Unit", "discover_modules", "estimate_memory", "find_block_list", "__version__"]
