@@ -107,6 +107,7 @@ class SparseBackward(AutogradBackward):
             for param, field in zip(params, ("weight_buffer", "bias_buffer")):
                 self._slot_of[param] = (slot, field)
         self.live_bytes = self.peak_bytes = 0
+        self._live: dict[str, GradSlot] = {}  # slots holding buffers, so clearing skips the rest
 
     def routes(self, param: nn.Parameter) -> bool:
         """Whether ``param``'s gradient goes to a buffer rather than ``.grad``."""
@@ -127,6 +128,7 @@ class SparseBackward(AutogradBackward):
     def _allocate(self, slot: GradSlot) -> None:
         module = self._modules[slot.key]
         slot.allocate(module.weight, module.bias)
+        self._live[slot.key] = slot
         for param in self.params_of[slot.key]:
             buffer = self.grad(param)
             self.live_bytes += buffer.numel() * buffer.element_size()
@@ -148,9 +150,10 @@ class SparseBackward(AutogradBackward):
                 if owned.grad is buffer:
                     owned.grad = None
             slot.release()
+            self._live.pop(slot.key, None)
 
     def clear_grads(self) -> None:
-        self.release_grads(self._slot_of)
+        self.release_grads([self.params_of[key][0] for key in list(self._live)])
 
     def deactivate(self, params: Iterable[nn.Parameter]) -> None:
         params = list(params)
