@@ -2,21 +2,37 @@
 ranks and checking that every rank sampled the same modules.
 
 MISA averages the gradients it applies itself (only the active set and the dense
-parameters: ``delta`` of the model, not all of it), so it works whether or not the
-model is wrapped in ``DistributedDataParallel``: a DDP wrapper built before MISA froze
-the modules would sync only the modules active at that time, one built after would
-need ``find_unused_parameters=True``; averaging gradients DDP already averaged changes
-nothing.
+parameters: ``delta`` of the model, not all of it). A ``DistributedDataParallel``
+wrapper registers the parameters that require grad when it is built, so its reducer
+would sync a stale set after MISA switches modules (and, without
+``find_unused_parameters``, crash on the ones that got no gradient). MISA therefore
+switches the reduction of the DDP wrapper it runs under off, whether the wrapper was
+built before or after MISA (the Hugging Face Trainer and Accelerate build it after).
+
+Under FSDP2 (``fully_shard``) the parameters are ``DTensor`` shards and FSDP averages
+the gradients itself (a reduce-scatter of the modules that received one); MISA keeps
+fp32 masters and moments for this rank's shard of the active modules only, and sums
+squared gradient norms over the ranks for the scores.
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.hooks import RemovableHandle
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5
+    from torch.distributed._tensor import DTensor
+
+logger = logging.getLogger("misa_kernels")
 
 
 def world_size() -> int:
@@ -51,13 +67,75 @@ def check_same_draw(units: Sequence[int], device: torch.device) -> None:
                            "needs the same seed, model and optimizer state (load the same state_dict on all ranks)")
 
 
-def reject_sharded(model: nn.Module) -> None:
-    """FSDP shards parameters (``DTensor``s or flat parameters): not supported yet, say so."""
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 (``fully_shard``) shards; raise
+    ``NotImplementedError`` for the sharding MISA cannot handle (FSDP1, tensor parallel)."""
+    fsdp2 = False
     for name, module in model.named_modules():
-        if any(cls.__name__ in ("FullyShardedDataParallel", "FSDPModule") for cls in type(module).__mro__):
-            raise NotImplementedError(f"model: {name or 'the model'} is FSDP-sharded; MISA supports DDP "
-                                      "(or no wrapper) under torch.distributed, FSDP is not supported yet")
-    for name, param in model.named_parameters():
-        if type(param.data).__name__ == "DTensor":
-            raise NotImplementedError(f"model: parameter {name} is a DTensor (FSDP2/tensor parallel); "
-                                      "MISA does not support sharded parameters yet")
+        classes = {cls.__name__ for cls in type(module).__mro__}
+        if "FullyShardedDataParallel" in classes:
+            raise NotImplementedError(f"model: {name or 'the model'} is wrapped in FSDP1 (FullyShardedDataParallel); "
+                                      "MISA supports FSDP2: shard with torch.distributed.fsdp.fully_shard")
+        fsdp2 = fsdp2 or "FSDPModule" in classes
+    sharded = [name for name, param in model.named_parameters() if isinstance(param, DTensor)]
+    if sharded and not fsdp2:
+        raise NotImplementedError(f"model: parameter {sharded[0]} is a DTensor outside FSDP2 (tensor "
+                                  "parallel?); MISA supports DDP and FSDP2 (fully_shard) only")
+    return fsdp2
+
+
+def lazy_init_fsdp2(model: nn.Module) -> None:
+    """Run FSDP2's lazy initialisation while every parameter still requires grad.
+
+    FSDP2 fixes each group's mixed-precision dtypes at the first forward from the
+    parameters that require grad then; a group that MISA had frozen would get none and
+    fail once its modules are sampled."""
+    get_state = getattr(model, "_get_fsdp_state", None)
+    if get_state is not None:
+        get_state()._lazy_init()
+
+
+def local(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    """The shard this rank holds of an FSDP2 ``DTensor`` (a view), else ``tensor`` itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def sum_over_ranks_(tensor: Tensor) -> Tensor:
+    """All-reduce ``tensor`` in place to its sum over the ranks (no-op without a group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (its reduction switched off)."""
+    if isinstance(model, DistributedDataParallel):
+        _silence(model)
+        return model.module
+    return model
+
+
+def silence_enclosing_ddp(model: nn.Module) -> RemovableHandle:
+    """Forward pre-hook on ``model``: when it runs inside a DDP wrapper, switch that
+    wrapper's gradient all-reduce off (MISA averages the gradients it applies itself).
+
+    Set on every forward because ``DistributedDataParallel.no_sync`` restores the flag."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        wrapper = getattr(DistributedDataParallel, "_active_ddp_module", None)
+        if wrapper is not None and wrapper.module is module:
+            _silence(wrapper)
+
+    return model.register_forward_pre_hook(hook)
+
+
+def _silence(wrapper: DistributedDataParallel) -> None:
+    if wrapper.static_graph:
+        raise ValueError("model: DistributedDataParallel(static_graph=True) assumes the same parameters train "
+                         "at every step, but MISA switches modules; build the wrapper without static_graph")
+    if wrapper.require_backward_grad_sync:
+        if not getattr(wrapper, "_misa_silenced", False):
+            logger.info("MISA: gradients are averaged by MISA over the active modules; the "
+                        "DistributedDataParallel reducer is switched off")
+            wrapper._misa_silenced = True
+        wrapper.require_backward_grad_sync = False

@@ -10,6 +10,7 @@ a minute.
 
     python python/hf_trainer.py
     python python/hf_trainer.py --steps 600 --delta 0.05
+    GLOO_SOCKET_IFNAME=lo torchrun --nproc_per_node 2 python/hf_trainer.py  # two CPU processes
 """
 from __future__ import annotations
 

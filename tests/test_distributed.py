@@ -1,8 +1,12 @@
-"""MISA under torch.distributed: two CPU processes on gloo, with and without a DDP wrapper,
-against one process on the same global batch."""
+"""MISA under torch.distributed: two CPU processes on gloo (no wrapper, DDP built before or
+after MISA, FSDP2, the HF Trainer) against one process on the same global batch, and a
+one-process group for what needs no second rank. ``-m distributed`` selects the spawning tests."""
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
+import socket
 import time
 import traceback
 from datetime import timedelta
@@ -12,13 +16,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from misa_kernels.distributed import DTensor
 
 import misa_kernels as mk
 from conftest import random_batch, tiny_llama
 
 WORLD, STEPS, PER_RANK = 2, 50, 2
 TIMEOUT_S = 480  # a rank stuck in a collective fails the test instead of hanging CI
+STACK_DUMP_S = 60
 MISA_ARGS = dict(lr=3e-3, delta=0.2, inner_steps=5, backend="torch")
 
 
@@ -30,53 +38,126 @@ def _shard(batch: dict, rank: int) -> dict:
     return {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
 
 
-def _train(model, opt, batches, clip: bool) -> list[tuple[str, ...]]:
+def _train(model, opt, batches, clip: str = "", micro: int = 1) -> list[tuple[str, ...]]:
     active = []
     for batch in batches:
         active.append(tuple(opt.active_modules))
-        model(**batch).loss.backward()
-        if clip:
+        for part in range(micro):  # gradient accumulation over equal slices
+            size = len(batch["input_ids"]) // micro
+            (model(**{k: v[part * size:(part + 1) * size] for k, v in batch.items()}).loss / micro).backward()
+        if clip == "misa":
             opt.clip_grad_norm_(0.5)
+        elif clip == "torch":  # sees the gradients MISA averaged at the end of backward
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()
         opt.zero_grad()
     return active
 
 
-def _worker(rank: int, variant: str, out: str, init_file: str) -> None:
+def _train_rank(rank: int, variant: str) -> dict:
+    torch.manual_seed(0)
+    model = tiny_llama()
+    seed = rank if variant == "different_seeds" else 0
+    if variant == "ddp_before_misa":
+        wrapped = DDP(model, find_unused_parameters=True)
+        opt = mk.MISA(wrapped.module, seed=seed, **MISA_ARGS)
+    elif variant in ("ddp_after_misa", "trainer_like"):  # the HF Trainer's order: DDP sees the first set
+        opt = mk.MISA(model, seed=seed, **MISA_ARGS)
+        wrapped = DDP(model)
+    elif variant.startswith("fsdp2"):
+        # bf16 compute: FSDP2 fixes a group's dtypes at its first forward, from the
+        # parameters that require grad then, so MISA must not have frozen them yet.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        options = {"mp_policy": policy} if variant == "fsdp2_bf16" else {}
+        for layer in model.model.layers:
+            fully_shard(layer, **options)
+        fully_shard(model, **options)
+        wrapped, opt = model, mk.MISA(model, seed=seed, **MISA_ARGS)
+    else:
+        wrapped, opt = model, mk.MISA(model, seed=seed, **MISA_ARGS)
+    batches = [_shard(_global_batch(step), rank) for step in range(STEPS)]
+    active = _train(wrapped, opt, batches, _clipping(variant), micro=2 if variant == "trainer_like" else 1)
+    params = [p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for p in model.parameters()]
+    active_params = {id(p) for p in opt.param_groups[0]["params"] if p.requires_grad}
+    states = [(id(p) in active_params, s["exp_avg"].shape == _local(p).shape) for p, s in opt.state.items() if s]
+    return {"active": active, "params": params, "states": states, "error": None}
+
+
+def _train_with_hf_trainer(out: str, batch: int) -> dict:
+    """MISA built before the Trainer (which starts the process group and wraps DDP)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    opt = mk.MISA(model, seed=0, **MISA_ARGS)
+    active = []
+
+    class Recorder(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            active.append(tuple(opt.active_modules))
+
+    data = [{"input_ids": ids, "labels": ids.clone()} for ids in _global_batch(0)["input_ids"].repeat(2, 1)]
+    args = TrainingArguments(output_dir=out, max_steps=12, per_device_train_batch_size=batch, use_cpu=True,
+                             ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, report_to=[],
+                             save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, max_grad_norm=0.5)
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None), callbacks=[Recorder()])
+    trainer.train()
+    return {"active": active, "params": [p.detach().clone() for p in model.parameters()],
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "error": None}
+
+
+def _clipping(variant: str) -> str:
+    return {"clip": "misa", "torch_clip": "torch", "trainer_like": "torch", "fsdp2_clip": "misa"}.get(variant, "")
+
+
+def _local(param):
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _worker(rank: int, variant: str, out: str, rendezvous: str) -> None:
+    """``rendezvous``: a FileStore path, or for the Trainer a free TCP port."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: no interface or hostname lookup to stall on
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+    torch.set_num_threads(1)  # two ranks on a 2-core CI machine
+    stacks = open(os.path.join(out, f"stacks{rank}.txt"), "w")
+    faulthandler.dump_traceback_later(STACK_DUMP_S, file=stacks)  # where a stuck rank waits
+    if variant == "hf_trainer":  # the Trainer (Accelerate) starts the group from torchrun's variables
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                          LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=rendezvous)
+    else:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=TIMEOUT_S // 2))
-        torch.manual_seed(0)
-        model = tiny_llama()
-        seed = rank if variant == "different_seeds" else 0
-        if variant == "ddp_before_misa":
-            wrapped = DDP(model, find_unused_parameters=True)
-            opt = mk.MISA(wrapped.module, seed=seed, **MISA_ARGS)
-        else:
-            wrapped, opt = model, mk.MISA(model, seed=seed, **MISA_ARGS)
-        batches = [_shard(_global_batch(step), rank) for step in range(STEPS)]
-        active = _train(wrapped, opt, batches, clip=variant == "clip")
-        result = {"active": active, "params": [p.detach().clone() for p in model.parameters()], "error": None}
+    try:
+        result = _train_with_hf_trainer(out, PER_RANK) if variant == "hf_trainer" else _train_rank(rank, variant)
     except Exception as err:  # reported to the parent, which asserts on it
         result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    # A DDP reducer destroyed after its process group can hang the exiting rank: the
+    # training objects die with _train_rank, and anything cyclic goes here, first.
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
+def _free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def _run(tmp_path: Path, variant: str) -> list[dict]:
-    context = mp.spawn(_worker, args=(variant, str(tmp_path), str(tmp_path / "init")), nprocs=WORLD, join=False)
+    rendezvous = _free_port() if variant == "hf_trainer" else str(tmp_path / "init")
+    context = mp.spawn(_worker, args=(variant, str(tmp_path), rendezvous), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"{variant}: the ranks did not finish within {TIMEOUT_S} s")
+            stacks = "\n".join((tmp_path / f"stacks{r}.txt").read_text() for r in range(WORLD))
+            pytest.fail(f"{variant}: the ranks did not finish within {TIMEOUT_S} s; their stacks:\n{stacks}")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def _single_process(clip: bool) -> dict:
+def _single_process(clip: str) -> dict:
     torch.manual_seed(0)
     model = tiny_llama()
     opt = mk.MISA(model, seed=0, **MISA_ARGS)
@@ -84,20 +165,22 @@ def _single_process(clip: bool) -> dict:
     return {"active": active, "params": list(model.parameters())}
 
 
-# These spawn processes and stall intermittently on this machine (about one run in five,
-# cause not found yet), so they are opt-in: python -m pytest -m distributed tests.
-# Not covered: DDP wrapping *after* MISA froze the modules (the HF Trainer's order). DDP then
-# registers only the modules active at wrap time, and that run hung intermittently here.
 @pytest.mark.distributed
-@pytest.mark.parametrize("variant", ["no_wrapper", "ddp_before_misa", "clip"])
+@pytest.mark.parametrize("variant", [
+    "no_wrapper", "ddp_before_misa", "ddp_after_misa", "clip", "torch_clip",
+    "trainer_like",  # DDP after MISA, two micro-batches per step, torch's clipping
+    "fsdp2", "fsdp2_clip",
+])
 def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path, variant):
     ranks = _run(tmp_path, variant)
     for result in ranks:
         assert result["error"] is None, result.get("trace")
-    reference = _single_process(clip=variant == "clip")
+    reference = _single_process(_clipping(variant))
     assert len(set(reference["active"])) > 3  # several switches happened
     for result in ranks:
         assert result["active"] == reference["active"]
+    for result in ranks:  # moments for the active modules only, of this rank's shard under FSDP2
+        assert result["states"] and all(active and local for active, local in result["states"])
     initial = list(tiny_llama().parameters())
     for p0, p1, ref, init in zip(ranks[0]["params"], ranks[1]["params"], reference["params"], initial):
         assert torch.equal(p0, p1)  # ranks bit-identical
@@ -108,23 +191,57 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path, variant)
 
 
 @pytest.mark.distributed
+def test_hf_trainer_on_two_ranks_trains_like_one_process(tmp_path):
+    # Trainer order: MISA first, then the process group and the DDP wrapper; the Trainer
+    # clips (max_grad_norm) between backward and step(), on the averaged gradients.
+    ranks = _run(tmp_path, "hf_trainer")
+    for result in ranks:
+        assert result["error"] is None, result.get("trace")
+    reference = _train_with_hf_trainer(str(tmp_path / "single"), WORLD * PER_RANK)
+    assert len(set(reference["active"])) > 3
+    initial = list(tiny_llama().parameters())
+    for result in ranks:
+        assert result["active"] == reference["active"]
+        assert result["losses"] == pytest.approx(reference["losses"], rel=1e-4)
+        for p, ref, init in zip(result["params"], reference["params"], initial):
+            assert (p - ref).norm() <= 1e-2 * (ref - init.detach()).norm() + 1e-7
+
+
+@pytest.mark.distributed
 def test_ranks_with_different_seeds_are_refused(tmp_path):
     ranks = _run(tmp_path, "different_seeds")
     for result in ranks:
         assert result["error"] is not None and "sampled different modules" in result["error"]
 
 
-def test_fsdp2_sharded_models_are_refused_clearly(tmp_path):
-    from torch.distributed.fsdp import fully_shard
-
-    from misa_kernels.distributed import reject_sharded
-
+@pytest.fixture
+def one_rank(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        model = tiny_llama()
-        reject_sharded(model)  # a plain model passes
-        fully_shard(model)
-        with pytest.raises(NotImplementedError, match="FSDP-sharded"):
-            reject_sharded(model)
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_ddp_wrapper_built_after_misa_follows_the_switches(one_rank):
+    # DDP registers the then-active modules; without find_unused_parameters its reducer
+    # would fail at the first step after a switch ("Expected to have finished reduction").
+    plain = tiny_llama()
+    reference = _train(plain, mk.MISA(plain, seed=0, **MISA_ARGS), [_global_batch(s) for s in range(12)])
+    model = tiny_llama()
+    opt = mk.MISA(model, seed=0, **MISA_ARGS)
+    assert _train(DDP(model), opt, [_global_batch(s) for s in range(12)]) == reference
+    for p, ref in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_static_graph_ddp_is_refused(one_rank):
+    model = tiny_llama()
+    opt = mk.MISA(model, **MISA_ARGS)
+    with pytest.raises(ValueError, match="static_graph"):
+        DDP(model, static_graph=True)(**_global_batch(0))
+    opt.detach()
+
+
+def test_step_in_backward_is_refused_under_several_processes(monkeypatch):
+    monkeypatch.setattr(mk.distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="step_in_backward=False under torch.distributed"):
+        mk.MISA(tiny_llama(), step_in_backward=True, **MISA_ARGS)

@@ -24,6 +24,8 @@ logger = logging.getLogger("misa_kernels")
 MODES = ("finetune", "pretrain")
 GRANULARITIES = ("module", "layer")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+_STEP_IN_BACKWARD_DISTRIBUTED = ("step_in_backward=True updates during backward, before the gradients of the ranks "
+                                 "can be averaged: use step_in_backward=False under torch.distributed")
 
 
 @dataclass
@@ -136,11 +138,12 @@ class MISA(torch.optim.Optimizer):
             (with its own Adam step count) when it is sampled again, instead of freeing
             them (Alg. 1 line 17). Default: ``True`` on a PEFT LoRA model, else ``False``.
 
-    Under ``torch.distributed`` (DDP, or no wrapper at all) ``step()`` averages the
-    gradients of the active set and the dense parameters over the ranks itself, so only
+    Under ``torch.distributed`` (no wrapper, or DDP built before or after MISA) MISA
+    averages the gradients of the active set and the dense parameters over the ranks
+    itself at the end of each backward (the DDP reducer is switched off), so only
     ``delta`` of the model is communicated and scores come from the averaged gradients;
-    every rank must use the same ``seed`` (checked at every draw). Clip with
-    :meth:`clip_grad_norm_`, which averages first. FSDP is not supported yet.
+    every rank must use the same ``seed`` (checked at every draw). Under FSDP2
+    (``fully_shard``) FSDP averages, and the masters and moments cover this rank's shard.
 
     On a PEFT LoRA model (paper B.2) each LoRA ``A`` and ``B`` matrix is a module, the
     budget ``delta`` is relative to the LoRA parameters, the base weights are never
@@ -176,18 +179,19 @@ class MISA(torch.optim.Optimizer):
                     weight_decay=weight_decay, score_beta=score_beta, mode=mode, strategy=strategy,
                     granularity=granularity, backend=backend, sweep_steps=sweep_steps, max_logit=max_logit,
                     sparse_backward=sparse_backward, step_in_backward=step_in_backward, keep_states=keep_states)
+        model = distributed.unwrap_ddp(model)
         self.lora = module_filter is None and isinstance(model, nn.Module) and is_lora_model(model)
         if self.lora and mode == "pretrain":
             raise ValueError("mode='pretrain' trains the base weights densely; a LoRA model needs mode='finetune'")
         self.keep_states = self.lora if keep_states is None else keep_states
-        self._distributed = distributed.world_size() > 1
-        if self._distributed:
-            distributed.reject_sharded(model)
-            if step_in_backward:
-                raise ValueError("step_in_backward=True updates during backward, before the gradients of the "
-                                 "ranks can be averaged: use step_in_backward=False under torch.distributed")
-        self._grads_synced = False
         modules = discover_modules(model, is_lora_matrix if self.lora else module_filter)
+        self._sharded = distributed.is_fsdp2(model)
+        if self._distributed and step_in_backward:
+            raise ValueError(_STEP_IN_BACKWARD_DISTRIBUTED)
+        if self._sharded and sparse_backward:
+            raise ValueError("sparse_backward=True keeps gradients outside .grad, where FSDP2 cannot "
+                             "reduce-scatter them: use sparse_backward=False with fully_shard")
+        self._grads_synced = self._sync_queued = False
         units = modules if granularity == "module" else group_by_layer(modules)
         self.units: list[Unit] = units
         self.delta, self.eta, self.inner_steps = delta, eta, inner_steps
@@ -225,6 +229,8 @@ class MISA(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self._active_cache: dict[tuple[bool, ...], _ActiveSet] = {}
         self._active = self._make_active([])
+        if self._sharded:
+            distributed.lazy_init_fsdp2(model)
         self._handles = self._freeze_and_hook(model, unit_params, all_params)
         self._activate(*self._select())
 
@@ -250,11 +256,15 @@ class MISA(torch.optim.Optimizer):
     def _freeze_and_hook(self, model: nn.Module, unit_params: list, all_params: list) -> list:
         """Freeze everything but the dense parameters; hook the modules' gradients."""
         self._backward.activate(unit_params)  # hooks can only be registered on such tensors
-        hooked = [p for p in unit_params if not self._backward.routes(p)]  # routed ones call back
+        # Routed modules call back; FSDP2 assigns the sharded .grad without accumulating
+        # it, so no hook would fire and the norms are taken in step() instead.
+        hooked = [] if self._sharded else [p for p in unit_params if not self._backward.routes(p)]
         handles = [p.register_post_accumulate_grad_hook(self._record_grad_norm) for p in hooked]
         self._backward.deactivate(all_params)
         self._backward.activate(self._dense)
-        return handles + self._checkpoint_hooks(model)
+        if not self._sharded:
+            handles += [p.register_post_accumulate_grad_hook(self._on_grad_arrival) for p in self._dense]
+        return handles + self._checkpoint_hooks(model) + [distributed.silence_enclosing_ddp(model)]
 
     @staticmethod
     def _param_groups(unit_params, dense, weight_decay) -> list[dict]:
@@ -281,6 +291,12 @@ class MISA(torch.optim.Optimizer):
 
     def _layer_is_active(self, layer: int) -> bool:
         return layer in self._active_layers
+
+    @property
+    def _distributed(self) -> bool:
+        # Read at use: the HF Trainer and Accelerate start the process group after the
+        # user may have built the optimizer.
+        return distributed.world_size() > 1
 
     # ------------------------------------------------------------------ public views
     @property
@@ -321,7 +337,7 @@ class MISA(torch.optim.Optimizer):
             if state.get("master") is not None:
                 master += _nbytes(state["master"])
             moments += _nbytes(state.get("exp_avg")) + _nbytes(state.get("exp_avg_sq"))
-        grads = sum(_nbytes(self._backward.grad(p)) for g in self.param_groups for p in g["params"])
+        grads = sum(_nbytes(distributed.local(self._backward.grad(p))) for g in self.param_groups for p in g["params"])
         tracker = self._scores
         buffers = sum(map(_nbytes, (tracker.norm_sum, tracker.finite_steps, tracker.skipped_steps, self._hook_sq)))
         report = dict(master_weights=master, moments=moments, gradients=grads, score_buffers=buffers)
@@ -356,15 +372,28 @@ class MISA(torch.optim.Optimizer):
             raise RuntimeError("clip_grad_norm_: with step_in_backward=True the updates happen during "
                                "backward, so there is nothing left to clip")
         self._sync_grads()  # under torch.distributed, clip the averaged gradient
-        grads = [g for group in self.param_groups for p in group["params"] if (g := self.gradient(p)) is not None]
+        grads = [distributed.local(g) for group in self.param_groups for p in group["params"]
+                 if (g := self.gradient(p)) is not None]
         if not grads:
             return torch.zeros((), device=self._device)
         norms = torch.stack([torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads])
-        total = torch.linalg.vector_norm(norms, norm_type)
+        total = self._total_norm(norms, norm_type)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for grad in grads:
             grad.mul_(coef.to(grad.dtype))
         return total
+
+    def _total_norm(self, norms: Tensor, norm_type: float) -> Tensor:
+        """The norm of the per-tensor ``norms``; under FSDP2 they are norms of this rank's
+        shards, combined over the ranks."""
+        if not self._sharded:
+            return torch.linalg.vector_norm(norms, norm_type)
+        if math.isinf(norm_type):
+            total = norms.max()
+            if distributed.world_size() > 1:
+                torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+            return total
+        return distributed.sum_over_ranks_(norms.pow(norm_type).sum()).pow(1.0 / norm_type)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` as torch does, and free the sparse-backward buffers."""
@@ -399,7 +428,7 @@ class MISA(torch.optim.Optimizer):
         self._update_active()
         if self._dense:
             self._update_dense()
-        self._grads_synced = False
+        self._grads_synced = self._sync_queued = False
         self._inner_step += 1
         if self._inner_step >= self._inner_length:
             self._switch()
@@ -407,23 +436,44 @@ class MISA(torch.optim.Optimizer):
 
     def _sync_grads(self) -> None:
         """Under torch.distributed, average the gradients ``step()`` applies over the ranks
-        (once per step) and take the scores' norms from the average, before any clipping
-        through :meth:`clip_grad_norm_`."""
-        if not self._distributed or self._grads_synced:
+        (at the end of each backward, else in ``step()`` or :meth:`clip_grad_norm_`) and
+        take the scores' norms from the average. Under FSDP2 (already averaged; no hooks
+        fire on shards) only the norms are taken."""
+        if not (self._distributed or self._sharded) or self._grads_synced:
             return
         self._grads_synced = True
         module_grads = [self._backward.ensure_grad(p) for p in self._active.params]
-        dense_grads = [g for p in self._dense if (g := self._backward.grad(p)) is not None]
-        distributed.average_(module_grads + dense_grads)
+        if not self._sharded:  # FSDP2's reduce-scatter has averaged them already
+            dense_grads = [g for p in self._dense if (g := self._backward.grad(p)) is not None]
+            distributed.average_(module_grads + dense_grads)
         if module_grads:
             self._hook_sq.index_copy_(0, self._active.slot_ids, self._squared_norms(module_grads))
             for slot, grad in zip(self._active.slots, module_grads):
-                self._hook_version[slot] = grad._version
+                self._hook_version[slot] = _version(grad)
+
+    def _on_grad_arrival(self, param: Optional[nn.Parameter] = None) -> None:
+        """A gradient was accumulated. Under torch.distributed (FSDP2 reduces its own),
+        average the gradients at the end of this backward, as DDP would, so that clipping
+        between backward and ``step()`` (the HF Trainer's) sees the average. Averaging
+        again after more accumulation is exact (the mean of equal values), and ``step()``
+        averages whatever arrived after the last sync."""
+        if self._sharded or not self._distributed:
+            return
+        self._grads_synced = False
+        if not self._sync_queued:
+            self._sync_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._sync_at_end_of_backward)
+
+    @torch.no_grad()
+    def _sync_at_end_of_backward(self) -> None:
+        self._sync_queued = False
+        self._sync_grads()
 
     def _record_grad_norm(self, param: nn.Parameter) -> None:
         # Runs when backward has accumulated ``param.grad``: the score sees the gradient
         # before any clipping or unscaling the user applies before ``step()``.
         self._record(param, param.grad)
+        self._on_grad_arrival()
 
     def _record(self, param: nn.Parameter, grad: Tensor) -> None:
         slot = self._slot_of[param]
@@ -436,6 +486,7 @@ class MISA(torch.optim.Optimizer):
         params = self._backward.params_of[name]
         for param in params:
             self._record(param, self._backward.grad(param))
+        self._on_grad_arrival()
         if self._step_in_backward:
             self._step_module_now(name, params)
 
@@ -444,6 +495,8 @@ class MISA(torch.optim.Optimizer):
             raise RuntimeError(f"step_in_backward=True: {name} received a second gradient before step(); "
                                "gradient accumulation (or calling a module twice per forward) needs "
                                "step_in_backward=False")
+        if self._distributed:  # the process group may have come up after MISA was built
+            raise RuntimeError(_STEP_IN_BACKWARD_DISTRIBUTED)
         self._stepped_in_backward.add(name)
         params = sorted(params, key=self._group_of.__getitem__)
         if name not in self._module_slot_ids:  # one host-to-device copy per module, ever
@@ -473,7 +526,7 @@ class MISA(torch.optim.Optimizer):
             return
         grads = [self._backward.grad(p) for p in active.params]
         hooked = all(self._hook_version[s] is not None for s in active.slots)
-        unchanged = hooked and all(self._hook_version[s] == g._version for s, g in zip(active.slots, grads))
+        unchanged = hooked and all(self._hook_version[s] == _version(g) for s, g in zip(active.slots, grads))
         recorded = self._hook_sq.index_select(0, active.slot_ids) if hooked else None
         applied = recorded if unchanged else self._squared_norms(grads)
         unit_applied = self._per_unit(active, applied)
@@ -499,7 +552,8 @@ class MISA(torch.optim.Optimizer):
 
     def _squared_norms(self, grads: list[Tensor]) -> Tensor:
         out = torch.empty(len(grads), dtype=self._hook_sq.dtype, device=self._device)
-        return self._backend.squared_norms_(grads, out)
+        self._backend.squared_norms_([distributed.local(g) for g in grads], out)
+        return distributed.sum_over_ranks_(out) if self._sharded else out
 
     @staticmethod
     def _per_unit(active: _ActiveSet, per_param: Tensor) -> Tensor:
@@ -513,7 +567,7 @@ class MISA(torch.optim.Optimizer):
             for lo, hi, t in self._step_runs(params, start, end, group, step, advance=True):
                 states = [self._state_for(p) for p in params[lo:hi]]
                 self._backend.adam_update_(
-                    params[lo:hi], grads[lo:hi], [s["master"] for s in states],
+                    _locals(params[lo:hi]), _locals(grads[lo:hi]), [s["master"] for s in states],
                     [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], skip[lo:hi],
                     step=t, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"],
@@ -538,8 +592,10 @@ class MISA(torch.optim.Optimizer):
                 lo = i
 
     def _state_for(self, param: nn.Parameter) -> dict:
+        """Adam's state of ``param``: of this rank's shard only under FSDP2."""
         state = self.state[param]
         if not state:
+            param = distributed.local(param)
             low = param.dtype in LOW_PRECISION
             moment_dtype = torch.float32 if low else param.dtype
             state["master"] = param.detach().float().clone() if low else None
@@ -568,7 +624,7 @@ class MISA(torch.optim.Optimizer):
             for lo, hi, t in self._step_runs(params, start, end, group, self._inner_step, advance=False):
                 states = [self.state[p] for p in params[lo:hi]]
                 self._backend.momentum_step_(
-                    params[lo:hi], [s["master"] for s in states], [s["exp_avg"] for s in states],
+                    _locals(params[lo:hi]), [s["master"] for s in states], [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states], step=t, lr=group["lr"],
                     beta1=beta1, beta2=beta2, eps=group["eps"],
                 )
@@ -708,6 +764,15 @@ class MISA(torch.optim.Optimizer):
         self._generator.set_state(misa["rng"])
         self._dense_skipped.fill_(misa["dense_skipped"])
         self._warned = set(misa["warned"])
+
+
+def _locals(tensors: list[Tensor]) -> list[Tensor]:
+    return [distributed.local(t) for t in tensors]
+
+
+def _version(grad: Tensor) -> int:
+    # An FSDP2 gradient is modified through its local shard, which holds the version count.
+    return distributed.local(grad)._version
 
 
 def _nbytes(tensor: Optional[Tensor]) -> int:

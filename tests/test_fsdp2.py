@@ -1,0 +1,96 @@
+"""MISA on FSDP2 (``fully_shard``) parameters in one process (a gloo group of one rank):
+the DTensor paths, without spawning. Two ranks: tests/test_distributed.py (-m distributed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import misa_kernels as mk
+from conftest import random_batch, tiny_llama
+from misa_kernels.distributed import DTensor, is_fsdp2
+
+ARGS = dict(lr=3e-3, delta=0.2, inner_steps=3, backend="torch")
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _shard(model: nn.Module, **options) -> nn.Module:
+    for layer in model.model.layers:
+        fully_shard(layer, **options)
+    return fully_shard(model, **options)
+
+
+def _train(model, opt, steps: int, clip: bool = False) -> list[tuple[str, ...]]:
+    active = []
+    for step in range(steps):
+        active.append(tuple(opt.active_modules))
+        model(**random_batch(seed=step)).loss.backward()
+        if clip:
+            opt.clip_grad_norm_(0.05)
+        opt.step()
+        opt.zero_grad()
+    return active
+
+
+def _full(param: nn.Parameter) -> torch.Tensor:
+    return param.full_tensor() if isinstance(param, DTensor) else param.detach()
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_sharded_model_trains_like_the_plain_one(one_rank, clip):
+    plain = tiny_llama()
+    reference = _train(plain, mk.MISA(plain, **ARGS), 15, clip)
+    sharded = _shard(tiny_llama())
+    opt = mk.MISA(sharded, **ARGS)
+    assert isinstance(next(sharded.parameters()), DTensor)
+    assert _train(sharded, opt, 15, clip) == reference
+    assert len(set(reference)) > 3
+    for p, ref in zip(sharded.parameters(), plain.parameters()):
+        torch.testing.assert_close(_full(p), ref.detach(), rtol=1e-4, atol=1e-5)  # lr 3e-3 a step
+    trained = {id(p) for name in opt.active_modules for p in sharded.get_submodule(name).parameters()}
+    for param, state in opt.state.items():  # moments of the active modules only, shaped as the shard
+        if state:
+            assert id(param) in trained and state["exp_avg"].shape == param.to_local().shape
+
+
+@pytest.mark.filterwarnings("ignore:delta=0.015 allows")  # one unit at a time is the point here
+def test_groups_frozen_at_the_first_forward_train_later_in_bf16(one_rank):
+    # FSDP2 fixes a group's compute dtypes at the first forward from its parameters that
+    # require grad; MISA initialises it before freezing, or a group holding no active
+    # module then fails once one of its modules is drawn.
+    model = _shard(tiny_llama(layers=4), mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32))
+    initial = {name: _full(p).clone() for name, p in model.named_parameters()}
+    opt = mk.MISA(model, **{**ARGS, "delta": 0.015, "inner_steps": 1})
+    first = {name.split(".")[2] for name in opt.active_modules if name.startswith("model.layers.")}
+    assert len(first) <= 1  # the other layers' groups hold nothing that trains at the first forward
+    drawn = {name for active in _train(model, opt, 12) for name in active}
+    assert {name.split(".")[2] for name in drawn if name.startswith("model.layers.")} == {"0", "1", "2", "3"}
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[0] in drawn:
+            assert not torch.equal(_full(param), initial[name]), name
+
+
+def test_sparse_backward_is_refused_on_a_sharded_model(one_rank):
+    with pytest.raises(ValueError, match="sparse_backward"):
+        mk.MISA(_shard(tiny_llama()), sparse_backward=True, **ARGS)
+
+
+def test_dtensors_outside_fsdp2_are_refused(one_rank):
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    model = tiny_llama()
+    assert not is_fsdp2(model)
+    mesh = init_device_mesh("cpu", (1,))
+    head = model.lm_head
+    head.weight = nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Replicate()]))
+    with pytest.raises(NotImplementedError, match="lm_head.weight is a DTensor outside FSDP2"):
+        is_fsdp2(model)
