@@ -108,34 +108,54 @@ def sum_over_ranks_(tensor: Tensor) -> Tensor:
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper (its reduction switched off)."""
-    if isinstance(model, DistributedDataParallel):
-        _silence(model)
-        return model.module
-    return model
+    """The module inside a ``DistributedDataParallel`` wrapper, else ``model``."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def silence_enclosing_ddp(model: nn.Module) -> RemovableHandle:
-    """Forward pre-hook on ``model``: when it runs inside a DDP wrapper, switch that
-    wrapper's gradient all-reduce off (MISA averages the gradients it applies itself).
+class DDPTakeover:
+    """Keeps the reducer of the DDP wrapper ``model`` runs under switched off, while
+    honouring its ``no_sync()``: :attr:`sync_requested` tells whether the backward of the
+    latest forward should average (``False`` inside ``no_sync``).
 
-    Set on every forward because ``DistributedDataParallel.no_sync`` restores the flag."""
+    A forward pre-hook on ``model`` finds the wrapper (DDP's ``_active_ddp_module``),
+    reads the flag ``no_sync`` sets and clears it, so that DDP prepares no reduction. The
+    flag is put back once DDP is done with it: by a forward hook on the wrapper (which
+    the wrapper's first forward, already under way, skips), else by :meth:`settle` at
+    the first gradient of the backward."""
 
-    def hook(module: nn.Module, args: tuple) -> None:
+    def __init__(self, model: nn.Module):
+        self.sync_requested = True
+        self._hooked: dict[int, RemovableHandle] = {}
+        self._pending: Optional[tuple[DistributedDataParallel, bool]] = None
+        self._pre_hook = model.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        self.settle()
         wrapper = getattr(DistributedDataParallel, "_active_ddp_module", None)
-        if wrapper is not None and wrapper.module is module:
-            _silence(wrapper)
-
-    return model.register_forward_pre_hook(hook)
-
-
-def _silence(wrapper: DistributedDataParallel) -> None:
-    if wrapper.static_graph:
-        raise ValueError("model: DistributedDataParallel(static_graph=True) assumes the same parameters train "
-                         "at every step, but MISA switches modules; build the wrapper without static_graph")
-    if wrapper.require_backward_grad_sync:
-        if not getattr(wrapper, "_misa_silenced", False):
-            logger.info("MISA: gradients are averaged by MISA over the active modules; the "
+        if wrapper is None or wrapper.module is not module:
+            self.sync_requested = True
+            return
+        if wrapper.static_graph:
+            raise ValueError("model: DistributedDataParallel(static_graph=True) assumes the same parameters "
+                             "train at every step, but MISA switches modules; build it without static_graph")
+        if id(wrapper) not in self._hooked:
+            logger.info("MISA averages the gradients of the active modules itself; the "
                         "DistributedDataParallel reducer is switched off")
-            wrapper._misa_silenced = True
+            self._hooked[id(wrapper)] = wrapper.register_forward_hook(lambda *_: self.settle())
+        self.sync_requested = wrapper.require_backward_grad_sync
+        self._pending = (wrapper, self.sync_requested)
         wrapper.require_backward_grad_sync = False
+
+    def settle(self) -> None:
+        """Give the wrapper its ``require_backward_grad_sync`` back after a forward."""
+        if self._pending is not None:
+            wrapper, flag = self._pending
+            wrapper.require_backward_grad_sync = flag
+            self._pending = None
+
+    def remove(self) -> None:
+        self.settle()
+        self._pre_hook.remove()
+        for handle in self._hooked.values():
+            handle.remove()
+        self._hooked.clear()

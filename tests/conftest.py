@@ -86,3 +86,13 @@ def enable_checkpointing(model: torch.nn.Module, reentrant: Optional[bool]) -> N
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of one rank (FileStore rendezvous), destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

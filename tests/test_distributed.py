@@ -3,6 +3,7 @@ after MISA, FSDP2, the HF Trainer) against one process on the same global batch,
 one-process group for what needs no second rank. ``-m distributed`` selects the spawning tests."""
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import os
@@ -27,6 +28,7 @@ from conftest import random_batch, tiny_llama
 WORLD, STEPS, PER_RANK = 2, 50, 2
 TIMEOUT_S = 480  # a rank stuck in a collective fails the test instead of hanging CI
 STACK_DUMP_S = 60
+LAUNCHED = ("hf_trainer", "accelerate")  # variants whose process group Accelerate starts
 MISA_ARGS = dict(lr=3e-3, delta=0.2, inner_steps=5, backend="torch")
 
 
@@ -42,9 +44,11 @@ def _train(model, opt, batches, clip: str = "", micro: int = 1) -> list[tuple[st
     active = []
     for batch in batches:
         active.append(tuple(opt.active_modules))
-        for part in range(micro):  # gradient accumulation over equal slices
+        for part in range(micro):  # gradient accumulation over equal slices, DDP's no_sync but the last
             size = len(batch["input_ids"]) // micro
-            (model(**{k: v[part * size:(part + 1) * size] for k, v in batch.items()}).loss / micro).backward()
+            last = part == micro - 1
+            with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+                (model(**{k: v[part * size:(part + 1) * size] for k, v in batch.items()}).loss / micro).backward()
         if clip == "misa":
             opt.clip_grad_norm_(0.5)
         elif clip == "torch":  # sees the gradients MISA averaged at the end of backward
@@ -76,11 +80,47 @@ def _train_rank(rank: int, variant: str) -> dict:
     else:
         wrapped, opt = model, mk.MISA(model, seed=seed, **MISA_ARGS)
     batches = [_shard(_global_batch(step), rank) for step in range(STEPS)]
+    averages = _count_calls(mk.distributed, "average_")
     active = _train(wrapped, opt, batches, _clipping(variant), micro=2 if variant == "trainer_like" else 1)
     params = [p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for p in model.parameters()]
-    active_params = {id(p) for p in opt.param_groups[0]["params"] if p.requires_grad}
-    states = [(id(p) in active_params, s["exp_avg"].shape == _local(p).shape) for p, s in opt.state.items() if s]
-    return {"active": active, "params": params, "states": states, "error": None}
+    return {"active": active, "params": params, "states": _state_layout(opt), "averages": averages[0], "error": None}
+
+
+def _count_calls(module, name: str) -> list[int]:
+    count, inner = [0], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return inner(*args, **kwargs)
+
+    setattr(module, name, counted)  # a spawned rank's own copy of the module
+    return count
+
+
+def _state_layout(opt: mk.MISA) -> list[tuple[bool, bool]]:
+    """(belongs to an active module, shaped as this rank's shard) for every state held."""
+    active = {id(p) for p in opt.param_groups[0]["params"] if p.requires_grad}
+    return [(id(p) in active, s["exp_avg"].shape == _local(p).shape) for p, s in opt.state.items() if s]
+
+
+def _train_with_accelerate(rank: int) -> dict:
+    """MISA built before ``Accelerator.prepare`` wraps the model in DDP and the optimizer."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    misa = mk.MISA(model, seed=0, **MISA_ARGS)
+    accelerator = Accelerator(cpu=True)
+    wrapped, opt = accelerator.prepare(model, misa)
+    active = []
+    for step in range(STEPS):
+        active.append(tuple(misa.active_modules))
+        accelerator.backward(wrapped(**_shard(_global_batch(step), rank)).loss)
+        accelerator.clip_grad_norm_(wrapped.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    return {"active": active, "params": [p.detach().clone() for p in model.parameters()],
+            "states": _state_layout(misa), "error": None}
 
 
 def _train_with_hf_trainer(out: str, batch: int) -> dict:
@@ -107,7 +147,9 @@ def _train_with_hf_trainer(out: str, batch: int) -> dict:
 
 
 def _clipping(variant: str) -> str:
-    return {"clip": "misa", "torch_clip": "torch", "trainer_like": "torch", "fsdp2_clip": "misa"}.get(variant, "")
+    clipping = {"clip": "misa", "torch_clip": "torch", "trainer_like": "torch", "accelerate": "torch",
+                "fsdp2_clip": "misa"}
+    return clipping.get(variant, "")
 
 
 def _local(param):
@@ -120,14 +162,17 @@ def _worker(rank: int, variant: str, out: str, rendezvous: str) -> None:
     torch.set_num_threads(1)  # two ranks on a 2-core CI machine
     stacks = open(os.path.join(out, f"stacks{rank}.txt"), "w")
     faulthandler.dump_traceback_later(STACK_DUMP_S, file=stacks)  # where a stuck rank waits
-    if variant == "hf_trainer":  # the Trainer (Accelerate) starts the group from torchrun's variables
+    if variant in LAUNCHED:  # Accelerate starts the group from torchrun's variables
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                           LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=rendezvous)
     else:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=TIMEOUT_S // 2))
     try:
-        result = _train_with_hf_trainer(out, PER_RANK) if variant == "hf_trainer" else _train_rank(rank, variant)
+        if variant == "hf_trainer":
+            result = _train_with_hf_trainer(out, PER_RANK)
+        else:
+            result = _train_with_accelerate(rank) if variant == "accelerate" else _train_rank(rank, variant)
     except Exception as err:  # reported to the parent, which asserts on it
         result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -145,7 +190,7 @@ def _free_port() -> str:
 
 
 def _run(tmp_path: Path, variant: str) -> list[dict]:
-    rendezvous = _free_port() if variant == "hf_trainer" else str(tmp_path / "init")
+    rendezvous = _free_port() if variant in LAUNCHED else str(tmp_path / "init")
     context = mp.spawn(_worker, args=(variant, str(tmp_path), rendezvous), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
@@ -169,6 +214,7 @@ def _single_process(clip: str) -> dict:
 @pytest.mark.parametrize("variant", [
     "no_wrapper", "ddp_before_misa", "ddp_after_misa", "clip", "torch_clip",
     "trainer_like",  # DDP after MISA, two micro-batches per step, torch's clipping
+    "accelerate",  # Accelerator.prepare(model, MISA), accelerator.clip_grad_norm_
     "fsdp2", "fsdp2_clip",
 ])
 def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path, variant):
@@ -179,6 +225,8 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path, variant)
     assert len(set(reference["active"])) > 3  # several switches happened
     for result in ranks:
         assert result["active"] == reference["active"]
+    if variant == "trainer_like":  # one average per step: none inside no_sync, none again in step()
+        assert all(result["averages"] == STEPS for result in ranks)
     for result in ranks:  # moments for the active modules only, of this rank's shard under FSDP2
         assert result["states"] and all(active and local for active, local in result["states"])
     initial = list(tiny_llama().parameters())
@@ -214,13 +262,6 @@ def test_ranks_with_different_seeds_are_refused(tmp_path):
         assert result["error"] is not None and "sampled different modules" in result["error"]
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_a_ddp_wrapper_built_after_misa_follows_the_switches(one_rank):
     # DDP registers the then-active modules; without find_unused_parameters its reducer
     # would fail at the first step after a switch ("Expected to have finished reduction").
@@ -230,6 +271,16 @@ def test_a_ddp_wrapper_built_after_misa_follows_the_switches(one_rank):
     opt = mk.MISA(model, seed=0, **MISA_ARGS)
     assert _train(DDP(model), opt, [_global_batch(s) for s in range(12)]) == reference
     for p, ref in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_misa_given_the_ddp_wrapper_trains_the_module_inside(one_rank):
+    plain = tiny_llama()
+    reference = _train(plain, mk.MISA(plain, seed=0, **MISA_ARGS), [_global_batch(s) for s in range(12)])
+    wrapped = DDP(tiny_llama())  # built before MISA: every parameter registered
+    opt = mk.MISA(wrapped, seed=0, **MISA_ARGS)
+    assert _train(wrapped, opt, [_global_batch(s) for s in range(12)]) == reference
+    for p, ref in zip(wrapped.module.parameters(), plain.parameters()):
         torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -14,13 +13,6 @@ from conftest import random_batch, tiny_llama
 from misa_kernels.distributed import DTensor, is_fsdp2
 
 ARGS = dict(lr=3e-3, delta=0.2, inner_steps=3, backend="torch")
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _shard(model: nn.Module, **options) -> nn.Module:

@@ -264,7 +264,8 @@ class MISA(torch.optim.Optimizer):
         self._backward.activate(self._dense)
         if not self._sharded:
             handles += [p.register_post_accumulate_grad_hook(self._on_grad_arrival) for p in self._dense]
-        return handles + self._checkpoint_hooks(model) + [distributed.silence_enclosing_ddp(model)]
+        self._ddp = distributed.DDPTakeover(model)
+        return handles + self._checkpoint_hooks(model) + [self._ddp]
 
     @staticmethod
     def _param_groups(unit_params, dense, weight_decay) -> list[dict]:
@@ -453,14 +454,15 @@ class MISA(torch.optim.Optimizer):
 
     def _on_grad_arrival(self, param: Optional[nn.Parameter] = None) -> None:
         """A gradient was accumulated. Under torch.distributed (FSDP2 reduces its own),
-        average the gradients at the end of this backward, as DDP would, so that clipping
-        between backward and ``step()`` (the HF Trainer's) sees the average. Averaging
-        again after more accumulation is exact (the mean of equal values), and ``step()``
-        averages whatever arrived after the last sync."""
+        average the gradients at the end of this backward, as DDP would (not inside its
+        ``no_sync()``), so that clipping between backward and ``step()`` (the HF
+        Trainer's) sees the average. Averaging again after more accumulation is exact (the
+        mean of equal values), and ``step()`` averages whatever arrived after the last sync."""
+        self._ddp.settle()
         if self._sharded or not self._distributed:
             return
         self._grads_synced = False
-        if not self._sync_queued:
+        if self._ddp.sync_requested and not self._sync_queued:
             self._sync_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._sync_at_end_of_backward)
 
