@@ -2,6 +2,8 @@
 the DTensor paths, without spawning. Two ranks: tests/test_distributed.py (-m distributed)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -86,3 +88,21 @@ def test_dtensors_outside_fsdp2_are_refused(one_rank):
     head.weight = nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Replicate()]))
     with pytest.raises(NotImplementedError, match="lm_head.weight is a DTensor outside FSDP2"):
         is_fsdp2(model)
+
+
+def test_state_dict_resumes_a_sharded_run_exactly(one_rank):
+    model = _shard(tiny_llama())
+    opt = mk.MISA(model, **ARGS)
+    _train(model, opt, 7)  # mid outer iteration: moments of the active shards are live
+    saved_model = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # like torch's, it references the live states
+    expected = _train(model, opt, 6)
+
+    resumed = tiny_llama()
+    resumed.load_state_dict(saved_model)
+    resumed = _shard(resumed)
+    opt2 = mk.MISA(resumed, **ARGS)
+    opt2.load_state_dict(saved_opt)
+    assert _train(resumed, opt2, 6) == expected
+    for p, ref in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(_full(p), _full(ref))
