@@ -77,22 +77,36 @@ def is_fsdp2(model: nn.Module) -> bool:
             raise NotImplementedError(f"model: {name or 'the model'} is wrapped in FSDP1 (FullyShardedDataParallel); "
                                       "MISA supports FSDP2: shard with torch.distributed.fsdp.fully_shard")
         fsdp2 = fsdp2 or "FSDPModule" in classes
-    sharded = [name for name, param in model.named_parameters() if isinstance(param, DTensor)]
+    sharded = [(name, param) for name, param in model.named_parameters() if isinstance(param, DTensor)]
     if sharded and not fsdp2:
-        raise NotImplementedError(f"model: parameter {sharded[0]} is a DTensor outside FSDP2 (tensor "
+        raise NotImplementedError(f"model: parameter {sharded[0][0]} is a DTensor outside FSDP2 (tensor "
                                   "parallel?); MISA supports DDP and FSDP2 (fully_shard) only")
+    if fsdp2 and not hasattr(model, "_get_fsdp_state"):
+        raise NotImplementedError("model: FSDP2 shards some of its modules but not the model itself; call "
+                                  "fully_shard(model) on the root too, after its layers, and give MISA the root")
+    for name, param in sharded:
+        if param.device_mesh.ndim != 1 or param.device_mesh != sharded[0][1].device_mesh:
+            raise NotImplementedError(f"model: parameter {name} is sharded over a {param.device_mesh.ndim}-D or "
+                                      "different mesh (HSDP?); MISA supports FSDP2 on one 1-D mesh")
     return fsdp2
 
 
-def lazy_init_fsdp2(model: nn.Module) -> None:
-    """Run FSDP2's lazy initialisation while every parameter still requires grad.
+def shard_group(model: nn.Module):
+    """The process group FSDP2 shards ``model``'s parameters over (None if unsharded)."""
+    for param in model.parameters():
+        if isinstance(param, DTensor):
+            return param.device_mesh.get_group()
+    return None
+
+
+def lazy_init_fsdp2(root: nn.Module) -> None:
+    """Run FSDP2's lazy initialisation of the sharded ``root`` while every parameter still
+    requires grad.
 
     FSDP2 fixes each group's mixed-precision dtypes at the first forward from the
     parameters that require grad then; a group that MISA had frozen would get none and
     fail once its modules are sampled."""
-    get_state = getattr(model, "_get_fsdp_state", None)
-    if get_state is not None:
-        get_state()._lazy_init()
+    root._get_fsdp_state()._lazy_init()
 
 
 def local(tensor: Optional[Tensor]) -> Optional[Tensor]:
@@ -100,10 +114,11 @@ def local(tensor: Optional[Tensor]) -> Optional[Tensor]:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def sum_over_ranks_(tensor: Tensor) -> Tensor:
-    """All-reduce ``tensor`` in place to its sum over the ranks (no-op without a group)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
+def reduce_over_shards_(tensor: Tensor, group, op: str = "sum") -> Tensor:
+    """All-reduce ``tensor`` in place over the ranks of ``group`` (the FSDP2 mesh): the
+    ``"sum"`` or ``"max"`` of the per-shard values."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return tensor
 
 
@@ -126,31 +141,41 @@ class DDPTakeover:
     def __init__(self, model: nn.Module):
         self.sync_requested = True
         self._hooked: dict[int, RemovableHandle] = {}
+        self._contains: dict[tuple[int, int], bool] = {}
         self._pending: Optional[tuple[DistributedDataParallel, bool]] = None
         self._pre_hook = model.register_forward_pre_hook(self._before_forward)
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         self.settle()
         wrapper = getattr(DistributedDataParallel, "_active_ddp_module", None)
-        if wrapper is None or wrapper.module is not module:
+        if wrapper is None or not self._inside(wrapper, module):
             self.sync_requested = True
             return
-        if wrapper.static_graph:
-            raise ValueError("model: DistributedDataParallel(static_graph=True) assumes the same parameters "
-                             "train at every step, but MISA switches modules; build it without static_graph")
         if id(wrapper) not in self._hooked:
+            _check_supported(wrapper)
             logger.info("MISA averages the gradients of the active modules itself; the "
                         "DistributedDataParallel reducer is switched off")
             self._hooked[id(wrapper)] = wrapper.register_forward_hook(lambda *_: self.settle())
+        if wrapper._join_config.enable:
+            raise RuntimeError("model: DistributedDataParallel.join() (uneven inputs) cannot shadow MISA's own "
+                               "gradient averaging; give every rank the same number of batches")
         self.sync_requested = wrapper.require_backward_grad_sync
         self._pending = (wrapper, self.sync_requested)
         wrapper.require_backward_grad_sync = False
 
+    def _inside(self, wrapper: DistributedDataParallel, module: nn.Module) -> bool:
+        key = (id(wrapper), id(module))
+        if key not in self._contains:
+            self._contains[key] = any(m is module for m in wrapper.module.modules())
+        return self._contains[key]
+
     def settle(self) -> None:
-        """Give the wrapper its ``require_backward_grad_sync`` back after a forward."""
+        """Give the wrapper its flag back after a forward, and what DDP would have derived
+        from it: buffer broadcasting before the next forward."""
         if self._pending is not None:
             wrapper, flag = self._pending
             wrapper.require_backward_grad_sync = flag
+            wrapper.require_forward_param_sync = flag
             self._pending = None
 
     def remove(self) -> None:
@@ -159,3 +184,12 @@ class DDPTakeover:
         for handle in self._hooked.values():
             handle.remove()
         self._hooked.clear()
+
+
+def _check_supported(wrapper: DistributedDataParallel) -> None:
+    if wrapper.static_graph:
+        raise ValueError("model: DistributedDataParallel(static_graph=True) assumes the same parameters "
+                         "train at every step, but MISA switches modules; build it without static_graph")
+    if wrapper.process_group is not None and dist.get_world_size(wrapper.process_group) != world_size():
+        raise ValueError("model: DistributedDataParallel over a sub-group of the ranks (process_group=...) is "
+                         "not supported; MISA averages over all ranks")

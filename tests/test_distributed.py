@@ -17,13 +17,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from misa_kernels.distributed import DTensor
 
 import misa_kernels as mk
-from conftest import random_batch, tiny_llama
+from conftest import enable_checkpointing, random_batch, tiny_llama
 
 WORLD, STEPS, PER_RANK = 2, 50, 2
 TIMEOUT_S = 480  # a rank stuck in a collective fails the test instead of hanging CI
@@ -69,21 +70,27 @@ def _train_rank(rank: int, variant: str) -> dict:
         opt = mk.MISA(model, seed=seed, **MISA_ARGS)
         wrapped = DDP(model)
     elif variant.startswith("fsdp2"):
-        # bf16 compute: FSDP2 fixes a group's dtypes at its first forward, from the
-        # parameters that require grad then, so MISA must not have frozen them yet.
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        options = {"mp_policy": policy} if variant == "fsdp2_bf16" else {}
         for layer in model.model.layers:
-            fully_shard(layer, **options)
-        fully_shard(model, **options)
+            fully_shard(layer)
+        fully_shard(model)
         wrapped, opt = model, mk.MISA(model, seed=seed, **MISA_ARGS)
     else:
+        enable_checkpointing(model, reentrant=True if variant == "reentrant_checkpointing" else None)
         wrapped, opt = model, mk.MISA(model, seed=seed, **MISA_ARGS)
+    reductions = [0]
+    if isinstance(wrapped, DDP):  # counts the buckets DDP's own reducer all-reduces
+        wrapped.register_comm_hook(reductions, _counting_allreduce)
     batches = [_shard(_global_batch(step), rank) for step in range(STEPS)]
     averages = _count_calls(mk.distributed, "average_")
     active = _train(wrapped, opt, batches, _clipping(variant), micro=2 if variant == "trainer_like" else 1)
     params = [p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for p in model.parameters()]
-    return {"active": active, "params": params, "states": _state_layout(opt), "averages": averages[0], "error": None}
+    return {"active": active, "params": params, "states": _state_layout(opt), "averages": averages[0],
+            "ddp_reductions": reductions[0], "error": None}
+
+
+def _counting_allreduce(count: list[int], bucket):
+    count[0] += 1
+    return allreduce_hook(None, bucket)
 
 
 def _count_calls(module, name: str) -> list[int]:
@@ -112,6 +119,8 @@ def _train_with_accelerate(rank: int) -> dict:
     misa = mk.MISA(model, seed=0, **MISA_ARGS)
     accelerator = Accelerator(cpu=True)
     wrapped, opt = accelerator.prepare(model, misa)
+    reductions, averages = [0], _count_calls(mk.distributed, "average_")
+    wrapped.register_comm_hook(reductions, _counting_allreduce)
     active = []
     for step in range(STEPS):
         active.append(tuple(misa.active_modules))
@@ -120,7 +129,7 @@ def _train_with_accelerate(rank: int) -> dict:
         opt.step()
         opt.zero_grad()
     return {"active": active, "params": [p.detach().clone() for p in model.parameters()],
-            "states": _state_layout(misa), "error": None}
+            "states": _state_layout(misa), "averages": averages[0], "ddp_reductions": reductions[0], "error": None}
 
 
 def _train_with_hf_trainer(out: str, batch: int) -> dict:
@@ -215,6 +224,7 @@ def _single_process(clip: str) -> dict:
     "no_wrapper", "ddp_before_misa", "ddp_after_misa", "clip", "torch_clip",
     "trainer_like",  # DDP after MISA, two micro-batches per step, torch's clipping
     "accelerate",  # Accelerator.prepare(model, MISA), accelerator.clip_grad_norm_
+    "reentrant_checkpointing",
     "fsdp2", "fsdp2_clip",
 ])
 def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path, variant):
@@ -225,8 +235,11 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(tmp_path, variant)
     assert len(set(reference["active"])) > 3  # several switches happened
     for result in ranks:
         assert result["active"] == reference["active"]
-    if variant == "trainer_like":  # one average per step: none inside no_sync, none again in step()
-        assert all(result["averages"] == STEPS for result in ranks)
+    for result in ranks:
+        # MISA's average: once per step (not inside no_sync, not per reentrant checkpoint,
+        # not again in step()); none under FSDP2, which reduce-scatters. DDP's reducer: off.
+        assert result["averages"] == (0 if variant.startswith("fsdp2") else STEPS)
+        assert result["ddp_reductions"] == 0
     for result in ranks:  # moments for the active modules only, of this rank's shard under FSDP2
         assert result["states"] and all(active and local for active, local in result["states"])
     initial = list(tiny_llama().parameters())
@@ -269,9 +282,21 @@ def test_a_ddp_wrapper_built_after_misa_follows_the_switches(one_rank):
     reference = _train(plain, mk.MISA(plain, seed=0, **MISA_ARGS), [_global_batch(s) for s in range(12)])
     model = tiny_llama()
     opt = mk.MISA(model, seed=0, **MISA_ARGS)
-    assert _train(DDP(model), opt, [_global_batch(s) for s in range(12)]) == reference
+    wrapped = DDP(model)
+    assert _train(wrapped, opt, [_global_batch(s) for s in range(12)]) == reference
     for p, ref in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6)
+    # switched off only while DDP prepares the backward: buffer broadcasting and no_sync unchanged
+    assert wrapped.require_backward_grad_sync and wrapped.require_forward_param_sync
+
+
+def test_ddp_join_is_refused(one_rank):
+    model = tiny_llama()
+    opt = mk.MISA(model, **MISA_ARGS)
+    wrapped = DDP(model)
+    with pytest.raises(RuntimeError, match="join"), wrapped.join():
+        wrapped(**_global_batch(0))
+    opt.detach()
 
 
 def test_misa_given_the_ddp_wrapper_trains_the_module_inside(one_rank):

@@ -17,10 +17,11 @@ from misa_kernels.distributed import DTensor, is_fsdp2
 ARGS = dict(lr=3e-3, delta=0.2, inner_steps=3, backend="torch")
 
 
-def _shard(model: nn.Module, **options) -> nn.Module:
+def _shard(model: nn.Module, root: bool = True, **options) -> nn.Module:
+    """``fully_shard`` each decoder layer, then (``root``) the whole model."""
     for layer in model.model.layers:
         fully_shard(layer, **options)
-    return fully_shard(model, **options)
+    return fully_shard(model, **options) if root else model
 
 
 def _train(model, opt, steps: int, clip: bool = False) -> list[tuple[str, ...]]:
@@ -39,21 +40,22 @@ def _full(param: nn.Parameter) -> torch.Tensor:
     return param.full_tensor() if isinstance(param, DTensor) else param.detach()
 
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_sharded_model_trains_like_the_plain_one(one_rank, clip):
+@pytest.mark.parametrize("clip, mode", [(False, "finetune"), (True, "finetune"), (True, "pretrain")])
+def test_sharded_model_trains_like_the_plain_one(one_rank, clip, mode):
     plain = tiny_llama()
-    reference = _train(plain, mk.MISA(plain, **ARGS), 15, clip)
+    reference = _train(plain, mk.MISA(plain, mode=mode, **ARGS), 15, clip)
     sharded = _shard(tiny_llama())
-    opt = mk.MISA(sharded, **ARGS)
+    opt = mk.MISA(sharded, mode=mode, **ARGS)
     assert isinstance(next(sharded.parameters()), DTensor)
     assert _train(sharded, opt, 15, clip) == reference
     assert len(set(reference)) > 3
     for p, ref in zip(sharded.parameters(), plain.parameters()):
         torch.testing.assert_close(_full(p), ref.detach(), rtol=1e-4, atol=1e-5)  # lr 3e-3 a step
     trained = {id(p) for name in opt.active_modules for p in sharded.get_submodule(name).parameters()}
+    dense = {id(p) for p in opt._dense}
     for param, state in opt.state.items():  # moments of the active modules only, shaped as the shard
         if state:
-            assert id(param) in trained and state["exp_avg"].shape == param.to_local().shape
+            assert id(param) in trained | dense and state["exp_avg"].shape == param.to_local().shape
 
 
 @pytest.mark.filterwarnings("ignore:delta=0.015 allows")  # one unit at a time is the point here
@@ -61,7 +63,8 @@ def test_groups_frozen_at_the_first_forward_train_later_in_bf16(one_rank):
     # FSDP2 fixes a group's compute dtypes at the first forward from its parameters that
     # require grad; MISA initialises it before freezing, or a group holding no active
     # module then fails once one of its modules is drawn.
-    model = _shard(tiny_llama(layers=4), mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32))
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
+    model = _shard(tiny_llama(layers=4), mp_policy=policy)
     initial = {name: _full(p).clone() for name, p in model.named_parameters()}
     opt = mk.MISA(model, **{**ARGS, "delta": 0.015, "inner_steps": 1})
     first = {name.split(".")[2] for name in opt.active_modules if name.startswith("model.layers.")}
@@ -76,6 +79,19 @@ def test_groups_frozen_at_the_first_forward_train_later_in_bf16(one_rank):
 def test_sparse_backward_is_refused_on_a_sharded_model(one_rank):
     with pytest.raises(ValueError, match="sparse_backward"):
         mk.MISA(_shard(tiny_llama()), sparse_backward=True, **ARGS)
+
+
+def test_sharded_layers_without_a_sharded_root_are_refused(one_rank):
+    # Each layer would be its own root, left unsharded between steps, where the
+    # requires_grad MISA sets on the sharded parameters does not reach.
+    with pytest.raises(NotImplementedError, match="fully_shard\\(model\\) on the root"):
+        mk.MISA(_shard(tiny_llama(), root=False), **ARGS)
+
+
+def test_a_two_dimensional_mesh_is_refused(one_rank):
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+    with pytest.raises(NotImplementedError, match="2-D"):
+        mk.MISA(_shard(tiny_llama(), mesh=mesh), **ARGS)
 
 
 def test_dtensors_outside_fsdp2_are_refused(one_rank):
@@ -106,3 +122,14 @@ def test_state_dict_resumes_a_sharded_run_exactly(one_rank):
     assert _train(resumed, opt2, 6) == expected
     for p, ref in zip(resumed.parameters(), model.parameters()):
         assert torch.equal(_full(p), _full(ref))
+
+
+def test_a_state_dict_of_another_sharding_is_refused(one_rank):
+    plain = tiny_llama()
+    opt = mk.MISA(plain, sweep=False, **ARGS)
+    _train(plain, opt, 2)  # within the first outer iteration: the active modules hold moments
+    saved = opt.state_dict()
+    index, state = next((i, st) for i, st in saved["state"].items() if st)
+    state["exp_avg"] = state["exp_avg"][: len(state["exp_avg"]) // 2]  # as one of two ranks' shards
+    with pytest.raises(ValueError, match=f"moments of parameter {index} have shape"):
+        mk.MISA(tiny_llama(), sweep=False, **ARGS).load_state_dict(saved)

@@ -186,6 +186,7 @@ class MISA(torch.optim.Optimizer):
         self.keep_states = self.lora if keep_states is None else keep_states
         modules = discover_modules(model, is_lora_matrix if self.lora else module_filter)
         self._sharded = distributed.is_fsdp2(model)
+        self._shard_group = distributed.shard_group(model) if self._sharded else None
         if self._distributed and step_in_backward:
             raise ValueError(_STEP_IN_BACKWARD_DISTRIBUTED)
         if self._sharded and sparse_backward:
@@ -264,6 +265,7 @@ class MISA(torch.optim.Optimizer):
         self._backward.activate(self._dense)
         if not self._sharded:
             handles += [p.register_post_accumulate_grad_hook(self._on_grad_arrival) for p in self._dense]
+            handles.append(model.register_forward_hook(self._sync_after_backward_of))
         self._ddp = distributed.DDPTakeover(model)
         return handles + self._checkpoint_hooks(model) + [self._ddp]
 
@@ -390,11 +392,8 @@ class MISA(torch.optim.Optimizer):
         if not self._sharded:
             return torch.linalg.vector_norm(norms, norm_type)
         if math.isinf(norm_type):
-            total = norms.max()
-            if distributed.world_size() > 1:
-                torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
-            return total
-        return distributed.sum_over_ranks_(norms.pow(norm_type).sum()).pow(1.0 / norm_type)
+            return distributed.reduce_over_shards_(norms.max(), self._shard_group, "max")
+        return distributed.reduce_over_shards_(norms.pow(norm_type).sum(), self._shard_group).pow(1.0 / norm_type)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` as torch does, and free the sparse-backward buffers."""
@@ -429,7 +428,7 @@ class MISA(torch.optim.Optimizer):
         self._update_active()
         if self._dense:
             self._update_dense()
-        self._grads_synced = self._sync_queued = False
+        self._grads_synced = False
         self._inner_step += 1
         if self._inner_step >= self._inner_length:
             self._switch()
@@ -445,23 +444,28 @@ class MISA(torch.optim.Optimizer):
         self._grads_synced = True
         module_grads = [self._backward.ensure_grad(p) for p in self._active.params]
         if not self._sharded:  # FSDP2's reduce-scatter has averaged them already
-            dense_grads = [g for p in self._dense if (g := self._backward.grad(p)) is not None]
+            dense_grads = [self._backward.ensure_grad(p) for p in self._dense]  # same sizes on every rank
             distributed.average_(module_grads + dense_grads)
         if module_grads:
             self._hook_sq.index_copy_(0, self._active.slot_ids, self._squared_norms(module_grads))
             for slot, grad in zip(self._active.slots, module_grads):
                 self._hook_version[slot] = _version(grad)
 
-    def _on_grad_arrival(self, param: Optional[nn.Parameter] = None) -> None:
-        """A gradient was accumulated. Under torch.distributed (FSDP2 reduces its own),
-        average the gradients at the end of this backward, as DDP would (not inside its
-        ``no_sync()``), so that clipping between backward and ``step()`` (the HF
-        Trainer's) sees the average. Averaging again after more accumulation is exact (the
-        mean of equal values), and ``step()`` averages whatever arrived after the last sync."""
-        self._ddp.settle()
-        if self._sharded or not self._distributed:
+    def _sync_after_backward_of(self, model: nn.Module, args: tuple, output) -> None:
+        """Forward hook: under torch.distributed (FSDP2 reduces its own), average the
+        gradients at the end of the backward through this output, as DDP would (not inside
+        its ``no_sync()``), so that clipping between backward and ``step()`` (the HF
+        Trainer's) sees the average. The callback is queued from the output's gradient,
+        i.e. once per backward on every rank, on the outermost backward (not per reentrant
+        checkpoint). Averaging again after more accumulation changes nothing but rounding,
+        and ``step()`` averages whatever arrived after the last sync."""
+        if not (torch.is_grad_enabled() and self._distributed):
             return
-        self._grads_synced = False
+        self._sync_queued = False
+        for tensor in _grad_tensors(output):  # the loss and the logits: whichever backward starts from
+            tensor.register_hook(self._queue_sync)
+
+    def _queue_sync(self, grad: Tensor) -> None:
         if self._ddp.sync_requested and not self._sync_queued:
             self._sync_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._sync_at_end_of_backward)
@@ -470,6 +474,11 @@ class MISA(torch.optim.Optimizer):
     def _sync_at_end_of_backward(self) -> None:
         self._sync_queued = False
         self._sync_grads()
+
+    def _on_grad_arrival(self, param: Optional[nn.Parameter] = None) -> None:
+        """A gradient was accumulated: ``step()`` must average unless a sync follows."""
+        self._ddp.settle()
+        self._grads_synced = False
 
     def _record_grad_norm(self, param: nn.Parameter) -> None:
         # Runs when backward has accumulated ``param.grad``: the score sees the gradient
@@ -555,7 +564,7 @@ class MISA(torch.optim.Optimizer):
     def _squared_norms(self, grads: list[Tensor]) -> Tensor:
         out = torch.empty(len(grads), dtype=self._hook_sq.dtype, device=self._device)
         self._backend.squared_norms_([distributed.local(g) for g in grads], out)
-        return distributed.sum_over_ranks_(out) if self._sharded else out
+        return distributed.reduce_over_shards_(out, self._shard_group) if self._sharded else out
 
     @staticmethod
     def _per_unit(active: _ActiveSet, per_param: Tensor) -> Tensor:
@@ -749,6 +758,11 @@ class MISA(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         if [len(g["params"]) for g in state_dict["param_groups"]] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError("state_dict: its param groups do not match this optimizer's")
+        for i, saved in state_dict["state"].items():
+            shape = distributed.local(params[int(i)]).shape  # FSDP2: this rank's shard
+            if saved.get("exp_avg") is not None and saved["exp_avg"].shape != shape:
+                raise ValueError(f"state_dict: the moments of parameter {i} have shape {tuple(saved['exp_avg'].shape)}"
+                                 f", the parameter {tuple(shape)} (saved under another FSDP2 sharding?)")
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self._deactivate()
@@ -766,6 +780,14 @@ class MISA(torch.optim.Optimizer):
         self._generator.set_state(misa["rng"])
         self._dense_skipped.fill_(misa["dense_skipped"])
         self._warned = set(misa["warned"])
+
+
+def _grad_tensors(output) -> list[Tensor]:
+    """The tensors requiring grad at the top level of a model's output (a tensor, a
+    tuple, or a Hugging Face ``ModelOutput``)."""
+    values = list(output.values()) if isinstance(output, dict) else output
+    values = values if isinstance(values, (list, tuple)) else [values]
+    return [v for v in values if isinstance(v, Tensor) and v.requires_grad]
 
 
 def _locals(tensors: list[Tensor]) -> list[Tensor]:
