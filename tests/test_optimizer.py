@@ -157,6 +157,31 @@ def test_memory_report_counts_gradients():
     assert report["total"] == sum(v for k, v in report.items() if k != "total")
 
 
+def test_peak_state_bytes_remember_the_states_a_switch_freed():
+    model = tiny_llama()
+    opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=3, sweep=False)
+    _train(model, opt, 2)
+    held = opt.memory_report()["moments"]
+    assert held == 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # fp32 m and v
+    _train(model, opt, 1, seed=2)  # the switching step frees them
+    assert opt.memory_report()["moments"] == 0
+    assert opt.peak_state_bytes == held
+    opt.reset_peak_state_bytes()
+    assert opt.peak_state_bytes == 0
+
+
+def test_fallback_draws_count_the_draws_where_nothing_fitted_the_budget():
+    model = tiny_llama()
+    with pytest.warns(RuntimeWarning, match="activating one unit at a time"):
+        opt = mk.MISA(model, lr=1e-3, delta=1e-4, inner_steps=2, sweep=False)
+    _train(model, opt, 6)
+    assert opt.fallback_draws == 4  # the first draw and one per outer iteration of 2 steps
+    roomy = mk.MISA(tiny_llama(), lr=1e-3, delta=0.5, inner_steps=2, sweep=False)
+    assert roomy.fallback_draws == 0
+    roomy.load_state_dict(opt.state_dict())
+    assert roomy.fallback_draws == 4
+
+
 def _save(opt, model):
     buffer = io.BytesIO()
     torch.save({"opt": opt.state_dict(), "model": model.state_dict()}, buffer)

@@ -228,6 +228,7 @@ class MISA(torch.optim.Optimizer):
         self._sample_counts = [0] * len(units)
         self._inner_step, self._inner_length, self._dense_step = 0, inner_steps, 0
         self._warned: set[str] = set()
+        self._peak_states, self._fallback_draws = 0, 0
         self._active_cache: dict[tuple[bool, ...], _ActiveSet] = {}
         self._active = self._make_active([])
         if self._sharded:
@@ -335,17 +336,38 @@ class MISA(torch.optim.Optimizer):
     def memory_report(self) -> dict[str, int]:
         """Bytes held for training: fp32 master weights, moments ``m, v``, gradients and
         score buffers (frozen modules hold none of them)."""
-        master = moments = 0
-        for state in self.state.values():
-            if state.get("master") is not None:
-                master += _nbytes(state["master"])
-            moments += _nbytes(state.get("exp_avg")) + _nbytes(state.get("exp_avg_sq"))
+        master, moments = self._state_bytes()
         grads = sum(_nbytes(distributed.local(self._backward.grad(p))) for g in self.param_groups for p in g["params"])
         tracker = self._scores
         buffers = sum(map(_nbytes, (tracker.norm_sum, tracker.finite_steps, tracker.skipped_steps, self._hook_sq)))
         report = dict(master_weights=master, moments=moments, gradients=grads, score_buffers=buffers)
         report["total"] = sum(report.values())
         return report
+
+    def _state_bytes(self) -> tuple[int, int]:
+        master = moments = 0
+        for state in self.state.values():
+            if state.get("master") is not None:
+                master += _nbytes(state["master"])
+            moments += _nbytes(state.get("exp_avg")) + _nbytes(state.get("exp_avg_sq"))
+        return master, moments
+
+    @property
+    def peak_state_bytes(self) -> int:
+        """The most bytes of fp32 masters and moments held at once since the last
+        :meth:`reset_peak_state_bytes`: a switching ``step()`` frees the states of the
+        modules it deactivates, so a reading after it would miss them."""
+        return max(self._peak_states, sum(self._state_bytes()))
+
+    def reset_peak_state_bytes(self) -> None:
+        """Start a new :attr:`peak_state_bytes` measurement (from the states held now)."""
+        self._peak_states = 0
+
+    @property
+    def fallback_draws(self) -> int:
+        """Draws in which no sampled module fitted the budget ``delta``, so one module was
+        activated alone (warned about once)."""
+        return self._fallback_draws
 
     @property
     def peak_gradient_bytes(self) -> Optional[int]:
@@ -660,6 +682,7 @@ class MISA(torch.optim.Optimizer):
         chosen = select_within_budget(order, sizes, self.budget)
         if not chosen:
             chosen = order[:1]
+            self._fallback_draws += 1
             self._warn_once(
                 "budget",
                 f"delta={self.delta} allows {int(self.budget)} parameters, fewer than any sampled "
@@ -679,6 +702,7 @@ class MISA(torch.optim.Optimizer):
         self._inner_step, self._inner_length = 0, length
 
     def _deactivate(self) -> None:
+        self._peak_states = self.peak_state_bytes
         if not self.keep_states:
             for param in self._active.params:
                 self.state.pop(param, None)
@@ -746,7 +770,7 @@ class MISA(torch.optim.Optimizer):
             inner_step=self._inner_step, inner_length=self._inner_length, dense_step=self._dense_step,
             sample_counts=list(self._sample_counts), probabilities=self._probabilities.clone(),
             scores=self._scores.state_dict(), rng=self._generator.get_state(),
-            dense_skipped=int(self._dense_skipped), warned=sorted(self._warned),
+            dense_skipped=int(self._dense_skipped), warned=sorted(self._warned), fallback_draws=self._fallback_draws,
         )
         return {"state": state, "param_groups": groups, "misa": misa}
 
@@ -780,6 +804,7 @@ class MISA(torch.optim.Optimizer):
         self._generator.set_state(misa["rng"])
         self._dense_skipped.fill_(misa["dense_skipped"])
         self._warned = set(misa["warned"])
+        self._fallback_draws = misa.get("fallback_draws", 0)
 
 
 def _grad_tensors(output) -> list[Tensor]:
