@@ -17,6 +17,7 @@ squared gradient norms over the ranks for the scores.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -53,6 +54,15 @@ def average_(grads: Sequence[Tensor]) -> None:
         flat.div_(size)
         for grad, averaged in zip(members, _unflatten_dense_tensors(flat, members)):
             grad.copy_(averaged)
+
+
+def on_any_rank(flags: Sequence[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over the ranks (one small collective)."""
+    if not flags:
+        return []
+    merged = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+    return merged.bool().tolist()
 
 
 def check_same_draw(units: Sequence[int], device: torch.device) -> None:
@@ -130,60 +140,74 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
 class DDPTakeover:
     """Keeps the reducer of the DDP wrapper ``model`` runs under switched off, while
     honouring its ``no_sync()``: :attr:`sync_requested` tells whether the backward of the
-    latest forward should average (``False`` inside ``no_sync``).
+    latest forward through the wrapper should average (``False`` inside ``no_sync``).
 
     A forward pre-hook on ``model`` finds the wrapper (DDP's ``_active_ddp_module``),
     reads the flag ``no_sync`` sets and clears it, so that DDP prepares no reduction. The
-    flag is put back once DDP is done with it: by a forward hook on the wrapper (which
-    the wrapper's first forward, already under way, skips), else by :meth:`settle` at
-    the first gradient of the backward."""
+    wrapper's ``_post_forward``, the last thing its forward does with the flag, is
+    extended on this instance to put the flag back (and a forward hook that runs even
+    when the forward raises does the same)."""
 
     def __init__(self, model: nn.Module):
         self.sync_requested = True
-        self._hooked: dict[int, RemovableHandle] = {}
-        self._contains: dict[tuple[int, int], bool] = {}
-        self._pending: Optional[tuple[DistributedDataParallel, bool]] = None
+        self._wrappers: "weakref.WeakKeyDictionary[DistributedDataParallel, RemovableHandle]" = (
+            weakref.WeakKeyDictionary())
+        self._outside: "weakref.WeakSet[DistributedDataParallel]" = weakref.WeakSet()
+        self._pending: Optional[tuple[DistributedDataParallel, bool, bool]] = None
         self._pre_hook = model.register_forward_pre_hook(self._before_forward)
 
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         self.settle()
         wrapper = getattr(DistributedDataParallel, "_active_ddp_module", None)
-        if wrapper is None or not self._inside(wrapper, module):
+        if wrapper is None or not self._take(wrapper, module):
             self.sync_requested = True
             return
-        if id(wrapper) not in self._hooked:
-            _check_supported(wrapper)
-            logger.info("MISA averages the gradients of the active modules itself; the "
-                        "DistributedDataParallel reducer is switched off")
-            self._hooked[id(wrapper)] = wrapper.register_forward_hook(lambda *_: self.settle())
         if wrapper._join_config.enable:
             raise RuntimeError("model: DistributedDataParallel.join() (uneven inputs) cannot shadow MISA's own "
                                "gradient averaging; give every rank the same number of batches")
         self.sync_requested = wrapper.require_backward_grad_sync
-        self._pending = (wrapper, self.sync_requested)
+        self._pending = (wrapper, self.sync_requested, torch.is_grad_enabled())
         wrapper.require_backward_grad_sync = False
 
-    def _inside(self, wrapper: DistributedDataParallel, module: nn.Module) -> bool:
-        key = (id(wrapper), id(module))
-        if key not in self._contains:
-            self._contains[key] = any(m is module for m in wrapper.module.modules())
-        return self._contains[key]
+    def _take(self, wrapper: DistributedDataParallel, module: nn.Module) -> bool:
+        """Whether ``wrapper`` wraps ``module``; on first sight, check it and hook it."""
+        if wrapper in self._wrappers:
+            return True
+        if wrapper in self._outside:
+            return False
+        if not any(m is module for m in wrapper.module.modules()):
+            self._outside.add(wrapper)
+            return False
+        _check_supported(wrapper)
+        logger.info("MISA averages the gradients of the active modules itself; the "
+                    "DistributedDataParallel reducer is switched off")
+        original = wrapper._post_forward
+
+        def post_forward(output):
+            output = original(output)
+            self.settle()
+            return output
+
+        wrapper._post_forward = post_forward  # this forward, already under way, calls it too
+        self._wrappers[wrapper] = wrapper.register_forward_hook(lambda *_: self.settle(), always_call=True)
+        return True
 
     def settle(self) -> None:
-        """Give the wrapper its flag back after a forward, and what DDP would have derived
-        from it: buffer broadcasting before the next forward."""
+        """Give the wrapper its flag back after a forward, and what DDP derives from it:
+        whether buffers are broadcast before the next forward."""
         if self._pending is not None:
-            wrapper, flag = self._pending
+            wrapper, flag, grad_enabled = self._pending
             wrapper.require_backward_grad_sync = flag
-            wrapper.require_forward_param_sync = flag
+            wrapper.require_forward_param_sync = flag and grad_enabled
             self._pending = None
 
     def remove(self) -> None:
         self.settle()
         self._pre_hook.remove()
-        for handle in self._hooked.values():
+        for wrapper, handle in list(self._wrappers.items()):
             handle.remove()
-        self._hooked.clear()
+            wrapper.__dict__.pop("_post_forward", None)
+        self._wrappers.clear()
 
 
 def _check_supported(wrapper: DistributedDataParallel) -> None:

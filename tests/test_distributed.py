@@ -321,3 +321,58 @@ def test_step_in_backward_is_refused_under_several_processes(monkeypatch):
     monkeypatch.setattr(mk.distributed, "world_size", lambda: 2)
     with pytest.raises(ValueError, match="step_in_backward=False under torch.distributed"):
         mk.MISA(tiny_llama(), step_in_backward=True, **MISA_ARGS)
+
+
+@pytest.fixture
+def averages(one_rank, monkeypatch) -> list[int]:
+    """MISA treating the one-rank group as several processes; counts its averages."""
+    monkeypatch.setattr(mk.MISA, "_distributed", property(lambda self: True))
+    count, inner = [0], mk.distributed.average_
+
+    def counted(grads):
+        count[0] += 1
+        inner(grads)
+
+    monkeypatch.setattr(mk.distributed, "average_", counted)
+    return count
+
+
+def test_no_sync_is_followed_from_a_first_forward_without_backward(averages):
+    model = tiny_llama()
+    opt = mk.MISA(model, seed=0, **MISA_ARGS)
+    wrapped = DDP(model)
+    with torch.no_grad():  # the wrapper's first forward: its forward hooks did not run yet
+        wrapped(**_global_batch(0))
+    assert wrapped.require_backward_grad_sync and not wrapped.require_forward_param_sync  # as DDP leaves them
+    for step in range(3):
+        with wrapped.no_sync():
+            wrapped(**_global_batch(step)).loss.backward()
+        assert averages[0] == step
+        wrapped(**_global_batch(step)).loss.backward()
+        assert averages[0] == step + 1
+        opt.step()
+        opt.zero_grad()
+    assert wrapped.require_backward_grad_sync and wrapped.require_forward_param_sync
+    opt.detach()
+
+
+def test_a_bare_forward_before_backward_does_not_change_what_it_syncs(averages):
+    model = tiny_llama()
+    opt = mk.MISA(model, seed=0, **MISA_ARGS)
+    wrapped = DDP(model)
+    with wrapped.no_sync():
+        loss = wrapped(**_global_batch(0)).loss
+        with torch.no_grad():
+            model(**_global_batch(1))  # e.g. logging on one rank only
+        loss.backward()
+    assert averages[0] == 0
+    opt.detach()
+
+
+def test_a_step_without_gradients_on_any_rank_changes_nothing(averages):
+    model = tiny_llama()
+    opt = mk.MISA(model, seed=0, sweep=False, **MISA_ARGS)  # no switch (which frees states) at step 1
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert averages[0] == 1 and not any(opt.state.values())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

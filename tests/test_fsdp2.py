@@ -133,3 +133,13 @@ def test_a_state_dict_of_another_sharding_is_refused(one_rank):
     state["exp_avg"] = state["exp_avg"][: len(state["exp_avg"]) // 2]  # as one of two ranks' shards
     with pytest.raises(ValueError, match=f"moments of parameter {index} have shape"):
         mk.MISA(tiny_llama(), sweep=False, **ARGS).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_an_empty_shard_has_norm_zero_on_its_rank(norm_type):
+    from misa_kernels.optim.misa import _norm
+
+    # With fewer rows than ranks a shard is empty; its rank must still join the collective.
+    assert _norm(torch.empty(0, 8), norm_type) == 0
+    grad = torch.randn(3, 5)[:, ::2]  # non-contiguous
+    assert _norm(grad, norm_type) == torch.linalg.vector_norm(grad, norm_type)

@@ -1,6 +1,7 @@
 """The MISA optimizer: Module-wise Importance SAmpling (paper Algorithms 1 and 2)."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -401,7 +402,7 @@ class MISA(torch.optim.Optimizer):
                  if (g := self.gradient(p)) is not None]
         if not grads:
             return torch.zeros((), device=self._device)
-        norms = torch.stack([torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads])
+        norms = torch.stack([_norm(g, norm_type) for g in grads])
         total = self._total_norm(norms, norm_type)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for grad in grads:
@@ -464,13 +465,20 @@ class MISA(torch.optim.Optimizer):
         if not (self._distributed or self._sharded) or self._grads_synced:
             return
         self._grads_synced = True
-        module_grads = [self._backward.ensure_grad(p) for p in self._active.params]
-        if not self._sharded:  # FSDP2's reduce-scatter has averaged them already
-            dense_grads = [self._backward.ensure_grad(p) for p in self._dense]  # same sizes on every rank
-            distributed.average_(module_grads + dense_grads)
-        if module_grads:
-            self._hook_sq.index_copy_(0, self._active.slot_ids, self._squared_norms(module_grads))
-            for slot, grad in zip(self._active.slots, module_grads):
+        params = self._active.params + self._dense
+        if self._sharded:  # FSDP2's reduce-scatter has averaged them already
+            grads = [self._backward.grad(p) for p in params]
+        else:
+            # A parameter with a gradient on some rank gets zeros on the others, so that
+            # every rank averages the same tensors; one with none anywhere keeps none.
+            present = distributed.on_any_rank([self._backward.grad(p) is not None for p in params], self._device)
+            grads = [self._backward.ensure_grad(p) if ok else None for p, ok in zip(params, present)]
+            distributed.average_([g for g in grads if g is not None])
+        module = [(slot, g) for slot, g in zip(self._active.slots, grads) if g is not None]
+        if module:
+            slots = torch.as_tensor([slot for slot, _ in module], dtype=torch.int64, device=self._device)
+            self._hook_sq.index_copy_(0, slots, self._squared_norms([g for _, g in module]))
+            for slot, grad in module:
                 self._hook_version[slot] = _version(grad)
 
     def _sync_after_backward_of(self, model: nn.Module, args: tuple, output) -> None:
@@ -484,11 +492,12 @@ class MISA(torch.optim.Optimizer):
         if not (torch.is_grad_enabled() and self._distributed):
             return
         self._sync_queued = False
+        queue = functools.partial(self._queue_sync, self._ddp.sync_requested)  # this forward's no_sync
         for tensor in _grad_tensors(output):  # the loss and the logits: whichever backward starts from
-            tensor.register_hook(self._queue_sync)
+            tensor.register_hook(queue)
 
-    def _queue_sync(self, grad: Tensor) -> None:
-        if self._ddp.sync_requested and not self._sync_queued:
+    def _queue_sync(self, sync_requested: bool, grad: Tensor) -> None:
+        if sync_requested and not self._sync_queued:
             self._sync_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._sync_at_end_of_backward)
 
@@ -805,6 +814,14 @@ class MISA(torch.optim.Optimizer):
         self._dense_skipped.fill_(misa["dense_skipped"])
         self._warned = set(misa["warned"])
         self._fallback_draws = misa.get("fallback_draws", 0)
+
+
+def _norm(tensor: Tensor, norm_type: float) -> Tensor:
+    """``vector_norm`` in fp32, 0 for an empty tensor (an FSDP2 shard can be empty, where
+    the inf-norm would raise on that rank alone)."""
+    if tensor.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=tensor.device)
+    return torch.linalg.vector_norm(tensor, norm_type, dtype=torch.float32)
 
 
 def _grad_tensors(output) -> list[Tensor]:
