@@ -146,7 +146,7 @@ class DDPTakeover:
     reads the flag ``no_sync`` sets and clears it, so that DDP prepares no reduction. The
     wrapper's ``_post_forward``, the last thing its forward does with the flag, is
     extended on this instance to put the flag back (and a forward hook that runs even
-    when the forward raises does the same)."""
+    when the forward raises does the same; failing both, the next forward does)."""
 
     def __init__(self, model: nn.Module):
         self.sync_requested = True

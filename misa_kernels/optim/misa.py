@@ -234,7 +234,8 @@ class MISA(torch.optim.Optimizer):
         self._active = self._make_active([])
         if self._sharded:
             distributed.lazy_init_fsdp2(model)
-        self._handles = self._freeze_and_hook(model, unit_params, all_params)
+        self._ddp = distributed.DDPTakeover(model)
+        self._handles = self._freeze_and_hook(model, unit_params, all_params) + [self._ddp]
         self._activate(*self._select())
 
     # ------------------------------------------------------------------ set-up helpers
@@ -268,8 +269,7 @@ class MISA(torch.optim.Optimizer):
         if not self._sharded:
             handles += [p.register_post_accumulate_grad_hook(self._on_grad_arrival) for p in self._dense]
             handles.append(model.register_forward_hook(self._sync_after_backward_of))
-        self._ddp = distributed.DDPTakeover(model)
-        return handles + self._checkpoint_hooks(model) + [self._ddp]
+        return handles + self._checkpoint_hooks(model)
 
     @staticmethod
     def _param_groups(unit_params, dense, weight_decay) -> list[dict]:
@@ -508,7 +508,6 @@ class MISA(torch.optim.Optimizer):
 
     def _on_grad_arrival(self, param: Optional[nn.Parameter] = None) -> None:
         """A gradient was accumulated: ``step()`` must average unless a sync follows."""
-        self._ddp.settle()
         self._grads_synced = False
 
     def _record_grad_norm(self, param: nn.Parameter) -> None:
