@@ -476,7 +476,8 @@ class MISA(torch.optim.Optimizer):
             distributed.average_([g for g in grads if g is not None])
         module = [(slot, g) for slot, g in zip(self._active.slots, grads) if g is not None]
         if module:
-            slots = torch.as_tensor([slot for slot, _ in module], dtype=torch.int64, device=self._device)
+            slots = (self._active.slot_ids if len(module) == len(self._active.slots)  # the usual case, on device
+                     else torch.as_tensor([slot for slot, _ in module], dtype=torch.int64, device=self._device))
             self._hook_sq.index_copy_(0, slots, self._squared_norms([g for _, g in module]))
             for slot, grad in module:
                 self._hook_version[slot] = _version(grad)
