@@ -93,14 +93,16 @@ def _counting_allreduce(count: list[int], bucket):
     return allreduce_hook(None, bucket)
 
 
-def _count_calls(module, name: str) -> list[int]:
+def _count_calls(module, name: str, replace=setattr) -> list[int]:
+    """Count the calls of ``module.name`` from now on (``replace``: e.g. ``monkeypatch.setattr``;
+    the default suits a spawned rank's own copy of the module)."""
     count, inner = [0], getattr(module, name)
 
     def counted(*args, **kwargs):
         count[0] += 1
         return inner(*args, **kwargs)
 
-    setattr(module, name, counted)  # a spawned rank's own copy of the module
+    replace(module, name, counted)
     return count
 
 
@@ -327,14 +329,7 @@ def test_step_in_backward_is_refused_under_several_processes(monkeypatch):
 def averages(one_rank, monkeypatch) -> list[int]:
     """MISA treating the one-rank group as several processes; counts its averages."""
     monkeypatch.setattr(mk.MISA, "_distributed", property(lambda self: True))
-    count, inner = [0], mk.distributed.average_
-
-    def counted(grads):
-        count[0] += 1
-        inner(grads)
-
-    monkeypatch.setattr(mk.distributed, "average_", counted)
-    return count
+    return _count_calls(mk.distributed, "average_", monkeypatch.setattr)
 
 
 def test_no_sync_is_followed_from_a_first_forward_without_backward(averages):
