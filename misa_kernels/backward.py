@@ -113,6 +113,11 @@ class SparseBackward(AutogradBackward):
         """Whether ``param``'s gradient goes to a buffer rather than ``.grad``."""
         return param in self._slot_of
 
+    @property
+    def holds_outside_grad(self) -> bool:
+        """Whether some fp32 buffer is not also a ``.grad`` (its weight is not fp32)."""
+        return any(p.dtype != torch.float32 for p in self._slot_of)
+
     def grad(self, param: nn.Parameter) -> Optional[Tensor]:
         found = self._slot_of.get(param)
         return param.grad if found is None else getattr(found[0], found[1])

@@ -81,7 +81,7 @@ def _train_rank(rank: int, variant: str) -> dict:
     if isinstance(wrapped, DDP):  # counts the buckets DDP's own reducer all-reduces
         wrapped.register_comm_hook(reductions, _counting_allreduce)
     batches = [_shard(_global_batch(step), rank) for step in range(STEPS)]
-    averages = _count_calls(mk.distributed, "average_")
+    averages = _count_calls(mk.distributed.collectives, "average_")
     active = _train(wrapped, opt, batches, _clipping(variant), micro=2 if variant == "trainer_like" else 1)
     params = [p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for p in model.parameters()]
     return {"active": active, "params": params, "states": _state_layout(opt), "averages": averages[0],
@@ -121,7 +121,7 @@ def _train_with_accelerate(rank: int) -> dict:
     misa = mk.MISA(model, seed=0, **MISA_ARGS)
     accelerator = Accelerator(cpu=True)
     wrapped, opt = accelerator.prepare(model, misa)
-    reductions, averages = [0], _count_calls(mk.distributed, "average_")
+    reductions, averages = [0], _count_calls(mk.distributed.collectives, "average_")
     wrapped.register_comm_hook(reductions, _counting_allreduce)
     active = []
     for step in range(STEPS):
@@ -320,7 +320,7 @@ def test_static_graph_ddp_is_refused(one_rank):
 
 
 def test_step_in_backward_is_refused_under_several_processes(monkeypatch):
-    monkeypatch.setattr(mk.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(mk.distributed.collectives, "world_size", lambda: 2)
     with pytest.raises(ValueError, match="step_in_backward=False under torch.distributed"):
         mk.MISA(tiny_llama(), step_in_backward=True, **MISA_ARGS)
 
@@ -328,8 +328,8 @@ def test_step_in_backward_is_refused_under_several_processes(monkeypatch):
 @pytest.fixture
 def averages(one_rank, monkeypatch) -> list[int]:
     """MISA treating the one-rank group as several processes; counts its averages."""
-    monkeypatch.setattr(mk.MISA, "_distributed", property(lambda self: True))
-    return _count_calls(mk.distributed, "average_", monkeypatch.setattr)
+    monkeypatch.setattr(mk.distributed.GradSync, "averaging", property(lambda self: True))
+    return _count_calls(mk.distributed.collectives, "average_", monkeypatch.setattr)
 
 
 def test_no_sync_is_followed_from_a_first_forward_without_backward(averages):
@@ -369,5 +369,7 @@ def test_a_step_without_gradients_on_any_rank_changes_nothing(averages):
     opt = mk.MISA(model, seed=0, sweep=False, **MISA_ARGS)  # no switch (which frees states) at step 1
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
-    assert averages[0] == 1 and not any(opt.state.values())
+    assert averages[0] == 1  # every rank averages the same (zero) gradients: no rank waits alone
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in opt.state.values())  # skipped
+    assert opt.skipped_steps == 0  # no gradient is not a non-finite one: nothing to report

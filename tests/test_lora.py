@@ -69,12 +69,14 @@ def test_pretrain_mode_is_refused_for_lora():
 
 @pytest.mark.parametrize("keep_states", [True, False])
 def test_states_kept_across_switches_continue_adam(keep_states):
-    """delta=1 trains every matrix in every outer iteration: MISA equals AdamW plus the
-    extra momentum step of Alg. 1 line 16 every ``T`` steps, with AdamW's moments and step
-    count carried over (kept) or reset (not kept)."""
+    """delta=1 trains every matrix in every outer iteration. Kept states: Adam simply
+    continues across switches (moments and step count carried over, no extra momentum step,
+    whose moment would then count twice), so MISA equals AdamW. Fresh states: AdamW plus
+    the extra momentum step of Alg. 1 line 16 every ``T`` steps, then new moments."""
     model, reference = _lora_model(), _lora_model()
     inner = 2
     opt = mk.MISA(model, lr=LR, delta=1.0, inner_steps=inner, sweep=False, backend="torch", keep_states=keep_states)
+    assert opt.momentum_step == ("none" if keep_states else "beta1")
     ref_params = [p for n, p in reference.named_parameters() if "lora_" in n]
     adamw = torch.optim.AdamW(ref_params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
     for step in range(1, 7):
@@ -83,13 +85,19 @@ def test_states_kept_across_switches_continue_adam(keep_states):
             m(**batch).loss.backward()
         opt.step(), opt.zero_grad()
         adamw.step(), adamw.zero_grad()
-        if step % inner == 0:
+        if step % inner == 0 and not keep_states:
             _momentum_step(adamw)
-            if not keep_states:
-                adamw.state.clear()
-    assert (len(opt.state) > 0) == keep_states  # states survive the switch only when kept
+            adamw.state.clear()
+    steps = {float(s["step"]) for s in opt.state.values()}
+    assert steps == ({6.0} if keep_states else {0.0})  # 6 updates carried on, or fresh after the switch
     for (name, p), q in zip(((n, p) for n, p in model.named_parameters() if "lora_" in n), ref_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_momentum_step_with_kept_states_is_refused():
+    with pytest.raises(ValueError, match="^momentum_step='beta1' .* count twice"):
+        mk.MISA(_lora_model(), momentum_step="beta1")
+    assert mk.MISA(_lora_model(), momentum_step="beta1", keep_states=False).momentum_step == "beta1"
 
 
 def _momentum_step(adamw: torch.optim.AdamW) -> None:

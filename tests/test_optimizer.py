@@ -109,15 +109,29 @@ def test_bf16_master_accumulates_updates_smaller_than_bf16_resolution():
     assert any(moved)  # the master holds progress that bf16 cannot represent
 
 
-def test_states_are_freed_at_each_switch():
+def _active_params(model):
+    return {p for p in model.parameters() if p.requires_grad}
+
+
+def test_states_are_freed_at_each_switch_and_held_from_activation():
     model = tiny_llama()
     opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=3, sweep=False)
+    assert set(opt.state) == _active_params(model)  # allocated on activation, before any step
     _train(model, opt, 2)
     first = set(opt.state)
     _train(model, opt, 1)  # third step closes the inner loop
-    assert all(p not in opt.state for p in first - set(opt.state))
-    assert opt.inner_step == 0 and len(opt.state) == 0
-    assert all(p.grad is None for p in first)
+    assert opt.inner_step == 0
+    assert set(opt.state) == _active_params(model)  # exactly the new set's
+    assert all(p not in opt.state and p.grad is None for p in first - _active_params(model))
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in opt.state.values())
+
+
+def test_memory_report_is_right_before_the_first_step():
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=3, sweep=False)
+    n_active = sum(p.numel() for p in _active_params(model))
+    report = opt.memory_report()
+    assert (report["master_weights"], report["moments"], report["gradients"]) == (4 * n_active, 8 * n_active, 0)
 
 
 def test_nonfinite_gradient_skips_only_that_module():
@@ -162,12 +176,13 @@ def test_peak_state_bytes_remember_the_states_a_switch_freed():
     opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=3, sweep=False)
     _train(model, opt, 2)
     held = opt.memory_report()["moments"]
-    assert held == 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # fp32 m and v
-    _train(model, opt, 1, seed=2)  # the switching step frees them
-    assert opt.memory_report()["moments"] == 0
-    assert opt.peak_state_bytes == held
+    assert held == 8 * sum(p.numel() for p in _active_params(model))  # fp32 m and v
+    _train(model, opt, 1, seed=2)  # the switching step frees them and allocates the next set's
+    now = opt.memory_report()["moments"]
+    assert now == 8 * sum(p.numel() for p in _active_params(model))
+    assert opt.peak_state_bytes == max(held, now)
     opt.reset_peak_state_bytes()
-    assert opt.peak_state_bytes == 0
+    assert opt.peak_state_bytes == now
 
 
 def test_fallback_draws_count_the_draws_where_nothing_fitted_the_budget():
@@ -231,7 +246,11 @@ def test_pretrain_mode_trains_embeddings_head_and_norms_every_step():
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
                  "model.layers.0.input_layernorm.weight"):
         assert name in changed
-    assert opt.memory_report()["moments"] >= 8 * model.model.embed_tokens.weight.numel()
+    dense = [p for n, p in model.named_parameters() if "proj" not in n]
+    report = opt.memory_report()
+    assert report["dense_moments"] == 8 * sum(p.numel() for p in dense)  # beside delta's modules
+    assert report["moments"] == 8 * sum(p.numel() for n, p in model.named_parameters() if "proj" in n and p.requires_grad)
+    assert opt.trained_parameters["dense"] == sum(p.numel() for p in dense)
 
 
 def test_finetune_mode_freezes_embeddings_head_and_norms():

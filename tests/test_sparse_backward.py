@@ -275,7 +275,7 @@ def test_step_in_backward_needs_linear_modules():
     embed = lambda name, m: name.endswith("embed_tokens") or name.endswith("q_proj")  # noqa: E731
     with pytest.raises(ValueError, match="step_in_backward.*embed_tokens"):
         mk.MISA(model, step_in_backward=True, module_filter=embed)
-    with pytest.raises(ValueError, match="sparse_backward"):
+    with pytest.raises(TypeError, match="^sparse_backward must be a bool"):
         mk.MISA(model, sparse_backward=1)
 
 

@@ -7,6 +7,8 @@ buffers once per switch and folds the mean into the EMA
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -25,12 +27,18 @@ class ScoreTracker:
         self.finite_steps = torch.zeros(num_units, dtype=torch.int64, device=device)
         self.skipped_steps = torch.zeros(num_units, dtype=torch.int64, device=device)
 
-    def accumulate(self, units: Tensor, scaled_norms: Tensor, finite: Tensor) -> None:
-        """Add one step's ``||g_b||^2 / |b|`` for ``units`` (device indices); no host sync."""
+    def accumulate(self, units: Tensor, scaled_norms: Tensor, finite: Tensor, observed: Optional[Tensor] = None) -> None:
+        """Add one step's ``||g_b||^2 / |b|`` for ``units`` (device indices); no host sync.
+
+        ``finite`` marks the units whose gradient was finite (the others count as skipped);
+        units where ``observed`` is False (no gradient on any rank, or a step the loss
+        scaler skipped) count neither way."""
+        counted = finite if observed is None else finite & observed
+        skipped = ~finite if observed is None else ~finite & observed
         zero = torch.zeros((), dtype=scaled_norms.dtype, device=scaled_norms.device)
-        self.norm_sum.index_add_(0, units, torch.where(finite, scaled_norms, zero))
-        self.finite_steps.index_add_(0, units, finite.to(torch.int64))
-        self.skipped_steps.index_add_(0, units, (~finite).to(torch.int64))
+        self.norm_sum.index_add_(0, units, torch.where(counted, scaled_norms, zero))
+        self.finite_steps.index_add_(0, units, counted.to(torch.int64))
+        self.skipped_steps.index_add_(0, units, skipped.to(torch.int64))
 
     def fold(self, units: list[int]) -> int:
         """Close an inner loop: fold the means of ``units`` into the EMA (one host read).
@@ -50,6 +58,10 @@ class ScoreTracker:
         new_skips = int(skipped.sum())
         self.skipped_total += new_skips
         return new_skips
+
+    def buffers(self) -> tuple[Tensor, ...]:
+        """The device accumulators (for memory accounting)."""
+        return self.norm_sum, self.finite_steps, self.skipped_steps
 
     def pending_skips(self) -> int:
         """Skipped unit-steps of the running inner loop (reads the device)."""

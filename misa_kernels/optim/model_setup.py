@@ -1,0 +1,87 @@
+"""What MISA trains in a model: its sampling units, the dense parameters of pre-training,
+the param groups and the budget. Read once, when the optimizer is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..backward import SparseBackward
+from ..modules import ModuleFilter, Unit, discover_modules, group_by_layer, is_lora_matrix, is_lora_model
+from ..ops.sparse_linear import is_routable
+
+
+@dataclass(frozen=True)
+class TrainedParameters:
+    """The units ``b`` (Alg. 1 line 1), their parameters, and the dense parameters."""
+
+    units: list[Unit]
+    unit_params: list[nn.Parameter]
+    dense: list[nn.Parameter]  # mode="pretrain": embeddings, lm_head, norms
+    all_params: list[nn.Parameter]
+    lora: bool  # a PEFT LoRA model: the units are its A and B matrices (paper B.2)
+
+    @property
+    def budget_params(self) -> int:
+        """``n`` of ``delta * n``: all parameters, or on a LoRA model the LoRA ones (B.2)."""
+        return sum(p.numel() for p in (self.unit_params if self.lora else self.all_params))
+
+
+def unique_params(model: nn.Module) -> list[nn.Parameter]:
+    seen, params = set(), []
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            params.append(param)
+    return params
+
+
+def trained_parameters(model: nn.Module, module_filter: Optional[ModuleFilter], granularity: str,
+                       mode: str) -> TrainedParameters:
+    """Find the units of ``model`` (see :func:`~misa_kernels.modules.discover_modules`)."""
+    lora = module_filter is None and isinstance(model, nn.Module) and is_lora_model(model)
+    if lora and mode == "pretrain":
+        raise ValueError("mode='pretrain' trains the base weights densely; a LoRA model needs mode='finetune'")
+    modules = discover_modules(model, is_lora_matrix if lora else module_filter)
+    units = modules if granularity == "module" else group_by_layer(modules)
+    unit_params = [p for u in units for p in u.params]
+    if len({id(p) for p in unit_params}) != len(unit_params):
+        raise ValueError("model: a parameter belongs to two modules (shared weights are not supported)")
+    all_params = unique_params(model)
+    in_units = {id(p) for p in unit_params}
+    dense = [p for p in all_params if id(p) not in in_units] if mode == "pretrain" else []
+    return TrainedParameters(units, unit_params, dense, all_params, lora)
+
+
+def param_groups(unit_params: list[nn.Parameter], dense: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Modules and dense parameters, each split into decayed matrices and undecayed
+    vectors (biases, norms); ``role`` tells them apart."""
+    groups = []
+    for role, params in (("module", unit_params), ("dense", dense)):
+        for decay in (True, False):
+            members = [p for p in params if (p.dim() >= 2) == decay]
+            if members:
+                groups.append(dict(params=members, weight_decay=weight_decay if decay else 0.0, role=role))
+    return groups
+
+
+def common_device(params: list[nn.Parameter]) -> torch.device:
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ValueError(f"model: MISA needs all trained parameters on one device, found {sorted(map(str, devices))}")
+    return devices.pop()
+
+
+def sparse_backward(model: nn.Module, units: list[Unit], step_in_backward: bool,
+                    on_grad_ready: Callable[[str], None]) -> SparseBackward:
+    """The modules' Linear/Conv1D layers routed through the sparse backward (the ones that
+    cannot be routed keep autograd, unless ``step_in_backward`` needs them all)."""
+    modules = {name: model.get_submodule(name) for u in units for name in u.module_names}
+    unsupported = sorted(name for name, m in modules.items() if not is_routable(m))
+    if unsupported and step_in_backward:
+        raise ValueError(f"step_in_backward=True needs every module to be an nn.Linear or Conv1D with its "
+                         f"own forward; these are not: {unsupported[:5]}")
+    return SparseBackward({n: m for n, m in modules.items() if n not in unsupported}, on_grad_ready)
