@@ -73,9 +73,9 @@ class Method:
         """Bytes of fp32 master weights and of optimizer state (moments, projectors, scores)."""
         opt = self.optimizer
         if self.spec.kind == "misa":
-            report = opt.memory_report()
-            return dict(master_weights=report["master_weights"],
-                        optimizer_state=report["moments"] + report.get("score_buffers", 0))
+            report = opt.memory_report()  # modules, and in pretrain mode the dense parameters beside them
+            return dict(master_weights=report["master_weights"] + report["dense_master_weights"],
+                        optimizer_state=report["moments"] + report["dense_moments"] + report["score_buffers"])
         if self.spec.kind == "badam":
             master = sum(nbytes(p) for p in getattr(opt, "param_idx2hp", {}).values())
             return dict(master_weights=master, optimizer_state=state_tensor_bytes(opt.base_optimizer.state.values()))
@@ -161,7 +161,7 @@ def _misa(spec, model, lr, *, mode, seed, **_):
     o = spec.options
     opt = mk.MISA(model, lr=lr, delta=o.get("delta", 0.03), inner_steps=o.get("inner_steps", 50),
                   strategy=o.get("strategy", "misa"), backend=o.get("backend", "auto"), mode=mode, seed=seed,
-                  sweep=o.get("sweep", True))
+                  sweep=o.get("sweep"))
     return model, opt
 
 

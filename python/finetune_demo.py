@@ -246,7 +246,7 @@ def _nbytes(tensor: Optional[Tensor]) -> int:
 def optimizer_memory(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, int]:
     """Bytes of master weights, Adam moments and gradients, read right after ``step()``."""
     if isinstance(opt, mk.MISA):
-        report = opt.memory_report()
+        report = opt.memory_report()  # fine-tuning: no dense_* parameters
         memory = {key: report[key] for key in ("master_weights", "moments", "gradients")}
     else:
         moments = sum(_nbytes(st.get(k)) for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))

@@ -56,6 +56,56 @@ def random_batch(batch: int = 2, seq: int = 16, seed: int = 0) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
+def count_calls(module, name: str, replace=setattr) -> list[int]:
+    """Count the calls of ``module.name`` from now on (``replace``: e.g. ``monkeypatch.setattr``;
+    the default suits a spawned rank's own copy of the module)."""
+    count, inner = [0], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return inner(*args, **kwargs)
+
+    replace(module, name, counted)
+    return count
+
+
+class HostTraffic:
+    """Records the calls that, on a GPU, make the host wait for the device (reading a value:
+    ``bool(t)``, ``t.item()``, ``t.tolist()``, ...) or copy host data to it
+    (``torch.tensor(list, device=...)``). On the CPU they cost nothing, so counting them is
+    how a CPU test proves a step free of them. The methods themselves are wrapped (a
+    ``TorchFunctionMode`` would miss autograd hooks and callbacks)."""
+
+    READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu")
+    COPIES = ("tensor", "as_tensor")
+
+    def __enter__(self) -> "HostTraffic":
+        self.calls: list[str] = []
+        self._restore: list = []
+        for name in self.READS:
+            self._wrap(torch.Tensor, name)
+        for name in self.COPIES:
+            self._wrap(torch, name)
+        return self
+
+    def _wrap(self, owner, name: str) -> None:
+        original, own = getattr(owner, name), name in vars(owner)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return original(*args, **kwargs)
+
+        setattr(owner, name, counted)
+        self._restore.append((owner, name, original if own else None))
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._restore):
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
 def assert_runs_agree(params, reference, lr: float, what: str = "") -> None:
     """Two training runs that differ only in fp32 rounding (gradient accumulation, sharding)
     agree: every element to 2% of one step ``lr``, 99.9% of them to 1e-6. Adam amplifies

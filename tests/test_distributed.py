@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from misa_kernels.distributed import DTensor
 
 import misa_kernels as mk
-from conftest import enable_checkpointing, random_batch, tiny_llama
+from conftest import count_calls, enable_checkpointing, random_batch, tiny_llama
 
 WORLD, STEPS, PER_RANK = 2, 50, 2
 TIMEOUT_S = 480  # a rank stuck in a collective fails the test instead of hanging CI
@@ -81,7 +81,7 @@ def _train_rank(rank: int, variant: str) -> dict:
     if isinstance(wrapped, DDP):  # counts the buckets DDP's own reducer all-reduces
         wrapped.register_comm_hook(reductions, _counting_allreduce)
     batches = [_shard(_global_batch(step), rank) for step in range(STEPS)]
-    averages = _count_calls(mk.distributed.collectives, "average_")
+    averages = count_calls(mk.distributed.collectives, "average_")
     active = _train(wrapped, opt, batches, _clipping(variant), micro=2 if variant == "trainer_like" else 1)
     params = [p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for p in model.parameters()]
     return {"active": active, "params": params, "states": _state_layout(opt), "averages": averages[0],
@@ -91,19 +91,6 @@ def _train_rank(rank: int, variant: str) -> dict:
 def _counting_allreduce(count: list[int], bucket):
     count[0] += 1
     return allreduce_hook(None, bucket)
-
-
-def _count_calls(module, name: str, replace=setattr) -> list[int]:
-    """Count the calls of ``module.name`` from now on (``replace``: e.g. ``monkeypatch.setattr``;
-    the default suits a spawned rank's own copy of the module)."""
-    count, inner = [0], getattr(module, name)
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return inner(*args, **kwargs)
-
-    replace(module, name, counted)
-    return count
 
 
 def _state_layout(opt: mk.MISA) -> list[tuple[bool, bool]]:
@@ -121,7 +108,7 @@ def _train_with_accelerate(rank: int) -> dict:
     misa = mk.MISA(model, seed=0, **MISA_ARGS)
     accelerator = Accelerator(cpu=True)
     wrapped, opt = accelerator.prepare(model, misa)
-    reductions, averages = [0], _count_calls(mk.distributed.collectives, "average_")
+    reductions, averages = [0], count_calls(mk.distributed.collectives, "average_")
     wrapped.register_comm_hook(reductions, _counting_allreduce)
     active = []
     for step in range(STEPS):
@@ -329,7 +316,7 @@ def test_step_in_backward_is_refused_under_several_processes(monkeypatch):
 def averages(one_rank, monkeypatch) -> list[int]:
     """MISA treating the one-rank group as several processes; counts its averages."""
     monkeypatch.setattr(mk.distributed.GradSync, "averaging", property(lambda self: True))
-    return _count_calls(mk.distributed.collectives, "average_", monkeypatch.setattr)
+    return count_calls(mk.distributed.collectives, "average_", monkeypatch.setattr)
 
 
 def test_no_sync_is_followed_from_a_first_forward_without_backward(averages):

@@ -35,6 +35,9 @@ def _train(model, opt, steps, seed=0, batch=2, seq=12, clip=None):
         (dict(strategy="random"), "strategy"), (dict(mode="train"), "mode"), (dict(granularity="block"), "granularity"),
         (dict(backend="cuda"), "backend"), (dict(betas=(0.9, 1.0)), "betas"), (dict(score_beta=1.0), "score_beta"),
         (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(lr=float("inf")), "lr"), (dict(eps=float("inf")), "eps"), (dict(weight_decay=float("inf")), "weight_decay"),
+        (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"), (dict(seed=1.5), "seed"), (dict(sweep_steps=0), "sweep_steps"),
+        (dict(momentum_step="paper"), "momentum_step"), (dict(max_logit=0.0), "max_logit"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
@@ -42,9 +45,18 @@ def test_bad_arguments_name_the_argument(kwargs, name):
         mk.MISA(tiny_llama(), **kwargs)
 
 
-def test_wrong_type_is_a_type_error():
-    with pytest.raises(TypeError, match="^lr "):
-        mk.MISA(tiny_llama(), lr="fast")
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(lr="fast"), "lr"), (dict(inner_steps=True), "inner_steps"), (dict(seed=True), "seed"),
+        (dict(seed="0"), "seed"), (dict(delta=True), "delta"), (dict(sweep=1), "sweep"),
+        (dict(keep_states="yes"), "keep_states"), (dict(module_filter="q_proj"), "module_filter"),
+        (dict(betas=(0.9, None)), "betas"),
+    ],
+)
+def test_wrong_type_is_a_type_error(kwargs, name):
+    with pytest.raises(TypeError, match=rf"^{name} "):
+        mk.MISA(tiny_llama(), **kwargs)
 
 
 def test_budget_is_never_exceeded():
@@ -159,6 +171,29 @@ def test_nonfinite_gradient_skips_only_that_module():
     assert all(math.isfinite(s) for s in opt.scores.values())
     assert opt.skipped_steps == 1
     assert opt.scores[bad.name] != score_before  # its two finite steps were still scored
+
+
+def test_a_skipped_step_does_not_advance_the_bias_correction():
+    """A module whose gradient is non-finite at its first step keeps counting from zero:
+    its next two updates equal AdamW's first two on the same gradients (a review found the
+    skipped step counted, so bias corrections of t=2, 3 were applied to moments of 1, 2 steps)."""
+    model = tiny_llama()
+    opt = mk.MISA(model, lr=1e-2, delta=0.1, inner_steps=5, sweep=False, backend="torch")
+    module = next(u for u in opt.units if u.name in opt.active_modules)
+    weight = module.params[0]
+    reference = torch.nn.Parameter(weight.detach().clone())
+    adamw = torch.optim.AdamW([reference], lr=1e-2, betas=opt.defaults["betas"], eps=1e-8, weight_decay=0.0)
+    for step in range(3):
+        model(**random_batch(seed=step)).loss.backward()
+        if step == 0:
+            weight.grad[0, 0] = float("inf")
+        else:
+            reference.grad = weight.grad.clone()
+            adamw.step()
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(weight, reference, rtol=1e-6, atol=1e-7)
+    assert float(opt.state[weight]["step"]) == 2
 
 
 def test_memory_report_counts_gradients():

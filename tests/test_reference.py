@@ -51,7 +51,7 @@ def reference_probabilities(G, observations, beta, eta, cap):
 
 
 def reference_misa(model, batches, *, lr, delta, eta, T, betas, eps, weight_decay, beta, strategy,
-                   granularity, seed, sweep, cap=5.0):
+                   granularity, seed, sweep, cap=5.0, momentum="beta1"):
     """Algorithm 1 (with Algorithm 2 for line 5), one loop iteration per line of the paper."""
     b1, b2 = betas
     units = reference_units(model, granularity)  # line 1
@@ -120,19 +120,20 @@ def reference_misa(model, batches, *, lr, delta, eta, T, betas, eps, weight_deca
                 G[b] = beta * G[b] + (1 - beta) * sq_sum[b] / inner
                 observations[b] += 1
             p, _ = reference_probabilities(G, observations, beta, 0.0 if strategy == "uniform" else eta, cap)
+            c = dict(beta1=b1, proof=b1 / (1 - b1), none=0.0)[momentum]  # the proof: x = theta - a b1/(1-b1) m/...
             for w in params:  # line 16
                 m_hat = m[w] / (1 - b1**inner)
                 v_hat = v[w] / (1 - b2**inner)
-                w -= lr * b1 * m_hat / (v_hat.sqrt() + eps)
+                w -= lr * c * m_hat / (v_hat.sqrt() + eps)
                 w.requires_grad_(False)  # line 17
     return history
 
 
 def run_library(model, batches, *, lr, delta, eta, T, betas, eps, weight_decay, beta, strategy,
-                granularity, seed, sweep):
+                granularity, seed, sweep, momentum=None):
     opt = mk.MISA(model, lr=lr, delta=delta, eta=eta, inner_steps=T, betas=betas, eps=eps,
                   weight_decay=weight_decay, score_beta=beta, strategy=strategy, granularity=granularity,
-                  seed=seed, backend="torch", sweep=sweep)
+                  seed=seed, backend="torch", sweep=sweep, momentum_step=momentum)
     history = []
     names = [u.name for u in opt.units]
     for batch in batches:
@@ -161,6 +162,20 @@ def test_matches_algorithm_1(strategy, sweep):
     for (name, got), want in zip(model.named_parameters(), expected_model.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_llama(layers=2).double().parameters()))
+
+
+@pytest.mark.parametrize("momentum", ["beta1", "proof", "none"])
+def test_momentum_step_forms(momentum):
+    """The extra step of line 16 with c = beta1, the proof's beta1 / (1 - beta1), or none."""
+    model = tiny_llama(layers=2).double()
+    batches = [random_batch(batch=2, seq=12, seed=i) for i in range(12)]
+    kwargs = dict(lr=3e-3, delta=0.12, eta=1.0, T=3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                  beta=0.9, strategy="misa", granularity="module", seed=5, sweep=False, momentum=momentum)
+    expected_model = copy.deepcopy(model)
+    reference_misa(expected_model, batches, **kwargs)
+    run_library(model, batches, **kwargs)
+    for got, want in zip(model.parameters(), expected_model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("strategy", ["misa", "uniform", "topk", "bottomk"])

@@ -104,14 +104,15 @@ class RecordedGradients:
         """Squared norms of the gradients as applied (for the finite check) and as scored
         (as backward left them, before clipping, free of the loss scale)."""
         slots = subset.slots
-        recorded = self.records.read(subset.slot_ids) if self.records.complete(slots) else None
+        # A GradScaler's unscale_ changes no version counter: after the user's, only
+        # records made after it (by clip_grad_norm_, or an FSDP2 sync) are of this scale.
+        usable = self.records.complete(slots) and (not scale.unscaled_by_user or self.records.all_unscaled(slots))
+        recorded = self.records.read(subset.slot_ids) if usable else None
         fresh = recorded is not None and self.records.fresh(slots, grads)
         factor = scale.norm_factor(self.records.sq.dtype)
         if factor is not None:  # the scale S is still in the gradients and the records
             scale.unscale_([local(g) for g in grads])
             recorded = None if recorded is None else recorded * factor
-        elif scale.unscaled_by_user and recorded is not None and not self.records.all_unscaled(slots):
-            recorded = None  # read before the user's unscale_, so times S^2 of an unknown S
         applied = recorded if fresh else self.squared_norms(grads)
         return applied, applied if recorded is None else recorded
 

@@ -316,13 +316,13 @@ class MISA(torch.optim.Optimizer):
         return torch.zeros((), device=self._device) if total is None else total
 
     def _record_before_clipping(self) -> None:
-        """Gradients changed since backward recorded them (a GradScaler's ``unscale_``) are
-        recorded again, unscaled, so that the scores see them unclipped."""
-        records, slot_of = self._source.records, self._sets.slot_of
-        for param in self._active.params:
-            grad = self.gradient(param)
-            if grad is not None and not records.fresh([slot_of[param]], [grad]):
-                records.record(slot_of[param], grad, unscaled=True)
+        """The scores' norms, read from the gradients as they are now (after a GradScaler's
+        ``unscale_``, which backward's records predate), before they are clipped."""
+        subset = self._sets.subset(self._active, [self.gradient(p) is not None for p in self._active.params])
+        if subset.params:
+            grads = [self.gradient(p) for p in subset.params]
+            self._source.records.record_many(subset.slots, subset.slot_ids, grads, self._squared_norms(grads),
+                                             unscaled=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` as torch does, and free the sparse-backward buffers."""

@@ -38,6 +38,7 @@ class Updater:
                 runs.append((group, position, position + 1))
         return [(self.param_groups[g], start, end) for g, start, end in runs]
 
+    @torch.no_grad()
     def adam(self, params: Sequence[nn.Parameter], grads: Sequence[Tensor], skip: Tensor) -> None:
         """One AdamW step of every tensor whose ``skip`` (device bool) is False; each
         applied update advances that tensor's step count."""
@@ -51,6 +52,7 @@ class Updater:
                 step=steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"])
 
+    @torch.no_grad()
     def momentum(self, params: Sequence[nn.Parameter], form: str) -> None:
         """The extra momentum step of every tensor, with its moments and step count as they
         are (``form``: see :func:`~misa_kernels.optim.arguments.momentum_coefficient`)."""
