@@ -64,9 +64,11 @@ def run_memory_vs_seq(s: BenchSettings, notes: list[str]) -> list[dict[str, Any]
 
 
 def misa_sample_counts(rows: list[dict[str, Any]]) -> Optional[dict[str, int]]:
-    """Sampling counts of the best run of plain MISA (strategy "misa") among ``rows``."""
+    """Sampling counts of the best run of plain MISA (strategy "misa", default momentum step)."""
     for row in rows:
-        if row.get("kind") == "misa" and row.get("status") == "ok" and row["options"].get("strategy", "misa") == "misa":
+        options = row.get("options", {})
+        plain = options.get("strategy", "misa") == "misa" and options.get("momentum_step") is None
+        if row.get("kind") == "misa" and row.get("status") == "ok" and plain:
             return row["details"].get("sample_counts")
     return None
 

@@ -5,7 +5,8 @@
   with linear warm-up and cosine decay. The best AdamW model becomes the base model.
 - Fine-tuning (paper Fig. 3/4 style): copies of the base model are fine-tuned on
   ``python-docstrings`` at a constant learning rate by full AdamW, MISA with each sampling
-  strategy (misa, uniform, topk, bottomk), BAdam, LoRA and GaLore. All runs see the same
+  strategy (misa, uniform, topk, bottomk), MISA with the proof's momentum step
+  (``momentum_step="proof"``), BAdam, LoRA and GaLore. All runs see the same
   batches in the same order.
 
 Gradients are clipped to norm ``max_grad_norm`` (1.0) before every step, as the Hugging
@@ -35,10 +36,13 @@ STRATEGIES = ("misa", "uniform", "topk", "bottomk")
 
 # ---------------------------------------------------------------------------- the methods
 def finetune_specs(cs: ConvergenceSettings) -> list[MethodSpec]:
-    """Fine-tuning rows: AdamW, MISA per strategy, then the peers."""
+    """Fine-tuning rows: AdamW, MISA per strategy and with the proof's momentum step
+    (``beta1 / (1 - beta1)``, against the default ``beta1``), then the peers."""
     misa = [MethodSpec(f"misa δ={cs.delta:.0%} ({strategy})", "misa",
                        dict(delta=cs.delta, inner_steps=cs.inner_steps, strategy=strategy))
             for strategy in STRATEGIES]
+    misa.append(MethodSpec(f"misa δ={cs.delta:.0%} (misa, momentum step proof)", "misa",
+                           dict(delta=cs.delta, inner_steps=cs.inner_steps, momentum_step="proof")))
     return [
         MethodSpec("adamw", "adamw"), *misa,
         MethodSpec(f"badam (switch every {cs.peers.badam_switch_every})", "badam"),

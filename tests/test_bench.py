@@ -175,7 +175,8 @@ def test_real_sweeps_lower_the_loss_and_report_their_best_run():
     rows = convergence.finetune_rows(base, cs, "cpu", progress=False)
     assert [r["method"] for r in rows] == [s.label for s in convergence.finetune_specs(cs)]
     ok = [r for r in rows if r["status"] == "ok"]
-    assert {r["options"].get("strategy") for r in ok if r["kind"] == "misa"} == set(convergence.STRATEGIES)
+    assert {r["options"].get("strategy", "misa") for r in ok if r["kind"] == "misa"} == set(convergence.STRATEGIES)
+    assert [r["options"].get("momentum_step") for r in ok if r["kind"] == "misa"][-1] == "proof"
     for row in ok:
         finals = [run["final_val_loss"] for run in row["runs"]]
         assert row["val_loss_after"] == min(finals) and row["best_lr"] == row["lrs"][finals.index(min(finals))]

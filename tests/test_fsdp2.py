@@ -51,7 +51,7 @@ def test_sharded_model_trains_like_the_plain_one(one_rank, clip, mode):
     assert len(set(reference)) > 3
     assert_runs_agree([_full(p) for p in sharded.parameters()], plain.parameters(), ARGS["lr"])
     trained = {id(p) for name in opt.active_modules for p in sharded.get_submodule(name).parameters()}
-    dense = {id(p) for p in opt._dense}
+    dense = {id(p) for p in opt._dense.params}
     for param, state in opt.state.items():  # moments of the active modules only, shaped as the shard
         if state:
             assert id(param) in trained | dense and state["exp_avg"].shape == param.to_local().shape

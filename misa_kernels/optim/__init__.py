@@ -1,4 +1,5 @@
-"""The MISA optimizer and its sampling machinery."""
+"""The MISA optimizer (:mod:`.misa`) and the pieces it orchestrates: the sampler, the
+scores, the state store, the updater, the gradient sources; see the README's layout."""
 from .misa import MISA
 
 __all__ = ["MISA"]

@@ -21,7 +21,7 @@ def state_dict(opt: "MISA") -> dict:
               for g in opt.param_groups]
     misa = dict(unit_names=[u.name for u in opt.units], active_units=list(opt._active.units),
                 inner_step=opt._inner_step, inner_length=opt._inner_length, scores=opt._scores.state_dict(),
-                dense_skipped=int(opt._dense_skipped), warned=sorted(opt._warned), **opt._sampler.state_dict())
+                dense_skipped=int(opt._dense.skipped), warned=sorted(opt._warned), **opt._sampler.state_dict())
     return {"state": opt._store.state_dict(index), "param_groups": groups, "misa": misa}
 
 
@@ -40,10 +40,10 @@ def load_state_dict(opt: "MISA", saved: dict) -> None:
         group.update({k: v for k, v in entry.items() if k != "params"})
     opt._deactivate()
     opt._store.load_state_dict(saved["state"], params, default_steps)
-    opt._store.allocate(opt._dense)
+    opt._store.allocate(opt._dense.params)
     opt._activate(Draw(tuple(misa["active_units"]), misa["inner_length"]))
     opt._inner_step = misa["inner_step"]
     opt._sampler.load_state_dict(misa)
     opt._scores.load_state_dict(misa["scores"])
-    opt._dense_skipped.fill_(misa["dense_skipped"])
+    opt._dense.skipped.fill_(misa["dense_skipped"])
     opt._warned = set(misa["warned"])

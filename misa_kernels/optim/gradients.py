@@ -83,6 +83,15 @@ class RecordedGradients:
             self.records.record(self.sets.slot_of[param], self.backward.grad(param))
         self.on_arrival()
 
+    def record_current(self, active: ActiveSet, grads: Sequence[Optional[Tensor]], unscaled: bool) -> None:
+        """Record the norms of ``grads`` (one per active parameter, ``None``: no gradient)
+        as they are now: averaged over the ranks, or before clipping. ``unscaled``: read
+        after any loss scaler's ``unscale_``."""
+        subset = self.sets.subset(active, [g is not None for g in grads])
+        if subset.params:
+            present = [g for g in grads if g is not None]
+            self.records.record_many(subset.slots, subset.slot_ids, present, self.squared_norms(present), unscaled)
+
     def gather(self, active: ActiveSet, scale: LossScale, present: Optional[Tensor] = None) -> Optional[StepGradients]:
         """The active parameters with a gradient, unscaled, with their scores' norms.
 

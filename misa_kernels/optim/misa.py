@@ -29,13 +29,15 @@ from . import checkpoint, model_setup
 from .active_set import ActiveSets
 from .arguments import check_args, resolve_momentum_step, resolve_sweep
 from .clipping import clip_
-from .gradients import RecordedGradients, SteppedInBackward, both
+from .dense import DenseParameters
+from .gradients import RecordedGradients, SteppedInBackward
 from .loss_scale import LossScale
 from .norm_records import NormRecords
 from .sampler import Draw, Sampler
 from .scores import ScoreTracker
-from .state_store import StateStore, nbytes
+from .state_store import StateStore
 from .updater import Updater
+from .views import MISAViews
 
 logger = logging.getLogger("misa_kernels")
 
@@ -43,7 +45,7 @@ _STEP_IN_BACKWARD_DISTRIBUTED = ("step_in_backward=True updates during backward,
                                  "can be averaged: use step_in_backward=False under torch.distributed")
 
 
-class MISA(torch.optim.Optimizer):
+class MISA(MISAViews, torch.optim.Optimizer):
     r"""Module-wise Importance SAmpling (MISA), a block-coordinate AdamW for transformers.
 
     Each weight matrix of a transformer block is a module ``b``. An outer iteration samples
@@ -177,15 +179,14 @@ class MISA(torch.optim.Optimizer):
         self._source = (SteppedInBackward(*args, update=self._updater.adam, group_of=group_of,
                                           refuse=self._refuse_step_in_backward)
                         if step_in_backward else RecordedGradients(*args))
-        self._dense = found.dense
-        self._dense_skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._dense = DenseParameters(found.dense, device)
         self._warned: set[str] = set()
         self._original_requires_grad = {p: p.requires_grad for p in found.all_params}
         self._active, self._active_layers = self._sets.build([]), set()
         if sharded:
             distributed.lazy_init_fsdp2(model)
         self._handles = self._freeze_and_hook(model, found)
-        self._store.allocate(self._dense)
+        self._store.allocate(self._dense.params)
         self._draw()
 
     @staticmethod
@@ -203,101 +204,11 @@ class MISA(torch.optim.Optimizer):
         # the norms are taken when the sync hands the gradients over.
         handles = [] if self._sync.sharded else self._source.hook(found.unit_params)
         self._backward.deactivate(found.all_params)
-        self._backward.activate(self._dense)
+        self._backward.activate(self._dense.params)
         if not self._sync.sharded:
-            handles += track_arrivals(self._dense, self._sync)
+            handles += track_arrivals(self._dense.params, self._sync)
         blocks = find_block_list(model)
         return handles + ([] if blocks is None else attach_input_grad_hooks(blocks[1], self._active_layers.__contains__))
-
-    # ------------------------------------------------------------------ public views
-    @property
-    def active_modules(self) -> list[str]:
-        """Names of the modules trained in the current outer iteration."""
-        return [name for b in self._active.units for name in self.units[b].module_names]
-
-    @property
-    def probabilities(self) -> dict[str, float]:
-        """``p_b`` per sampling unit (Prop. 1), as used by the last draw."""
-        return {u.name: float(p) for u, p in zip(self.units, self._sampler.probabilities)}
-
-    @property
-    def scores(self) -> dict[str, float]:
-        """``G_b`` per sampling unit (eq. 4, corrected for the EMA's zero start)."""
-        return {u.name: float(s) for u, s in zip(self.units, self._scores.scores())}
-
-    @property
-    def sample_counts(self) -> dict[str, int]:
-        """How many outer iterations activated each unit."""
-        return {u.name: c for u, c in zip(self.units, self._sampler.sample_counts)}
-
-    @property
-    def skipped_steps(self) -> int:
-        """Unit-steps (and dense tensor-steps) skipped for a non-finite gradient. Reads the device."""
-        return self._scores.skipped_total + self._scores.pending_skips() + int(self._dense_skipped)
-
-    @property
-    def inner_step(self) -> int:
-        """Inner steps taken by the current active set."""
-        return self._inner_step
-
-    @property
-    def fallback_draws(self) -> int:
-        """Draws in which no sampled module fitted the budget ``delta``, so one module was
-        activated alone (warned about once)."""
-        return self._sampler.fallback_draws
-
-    @property
-    def trained_parameters(self) -> dict[str, int]:
-        """Parameters trained now: the active modules' (at most ``delta * n``) and, with
-        ``mode="pretrain"``, the dense ones (embeddings, lm_head, norms) on top of them."""
-        return dict(modules=sum(p.numel() for p in self._active.params), dense=sum(p.numel() for p in self._dense))
-
-    def memory_report(self) -> dict[str, int]:
-        """Bytes held for training, right from the activation of a set: fp32 master weights,
-        moments ``m, v`` and gradients of the modules (frozen ones hold none), the same of
-        the dense parameters of ``mode="pretrain"`` (``dense_*``, outside ``delta``), the
-        per-tensor step counts and the score buffers."""
-        unit_params = self._sets.params
-        modules, dense = self._store.bytes_of(unit_params), self._store.bytes_of(self._dense)
-        report = dict(master_weights=modules["master_weights"], moments=modules["moments"],
-                      gradients=self._gradient_bytes(unit_params), dense_master_weights=dense["master_weights"],
-                      dense_moments=dense["moments"], dense_gradients=self._gradient_bytes(self._dense),
-                      step_counts=modules["step_counts"] + dense["step_counts"],
-                      score_buffers=sum(map(nbytes, self._scores.buffers())) + nbytes(self._source.records.sq))
-        report["total"] = sum(report.values())
-        return report
-
-    def _gradient_bytes(self, params) -> int:
-        return sum(nbytes(local(self._backward.grad(p))) for p in params)
-
-    @property
-    def peak_state_bytes(self) -> int:
-        """The most bytes of fp32 masters and moments held at once since the last
-        :meth:`reset_peak_state_bytes` (a switching ``step()`` frees one set's and allocates
-        the next's)."""
-        return self._store.peak_bytes
-
-    def reset_peak_state_bytes(self) -> None:
-        """Start a new :attr:`peak_state_bytes` measurement (from the states held now)."""
-        self._store.reset_peak()
-
-    @property
-    def peak_gradient_bytes(self) -> Optional[int]:
-        """With ``sparse_backward``: the most gradient-buffer bytes held at once since the
-        last :meth:`reset_peak_gradient_bytes` (with ``step_in_backward``, one module's
-        worth). ``None`` on the autograd path, whose gradients all live until ``step()``
-        (see ``memory_report()["gradients"]``)."""
-        return getattr(self._backward, "peak_bytes", None)
-
-    def reset_peak_gradient_bytes(self) -> None:
-        """Start a new :attr:`peak_gradient_bytes` measurement."""
-        if isinstance(self._backward, SparseBackward):
-            self._backward.reset_peak()
-
-    def gradient(self, param: nn.Parameter) -> Optional[Tensor]:
-        """The gradient the next ``step()`` applies to ``param``: ``param.grad``, or with
-        ``sparse_backward`` the fp32 buffer of a routed module (``None`` when it has none)."""
-        return self._backward.grad(param)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
@@ -310,19 +221,12 @@ class MISA(torch.optim.Optimizer):
             raise RuntimeError("clip_grad_norm_: with step_in_backward=True the updates happen during "
                                "backward, so there is nothing left to clip")
         self._sync.sync()  # under torch.distributed, clip the averaged gradient
-        self._record_before_clipping()
+        # the scores' norms, before clipping and after a GradScaler's unscale_ (which
+        # changes no version counter, so backward's records cannot tell)
+        self._source.record_current(self._active, [self.gradient(p) for p in self._active.params], unscaled=True)
         grads = [local(g) for group in self.param_groups for p in group["params"] if (g := self.gradient(p)) is not None]
         total = clip_(grads, max_norm, norm_type, self._shard_group, self._sync.sharded)
         return torch.zeros((), device=self._device) if total is None else total
-
-    def _record_before_clipping(self) -> None:
-        """The scores' norms, read from the gradients as they are now (after a GradScaler's
-        ``unscale_``, which backward's records predate), before they are clipped."""
-        subset = self._sets.subset(self._active, [self.gradient(p) is not None for p in self._active.params])
-        if subset.params:
-            grads = [self.gradient(p) for p in subset.params]
-            self._source.records.record_many(subset.slots, subset.slot_ids, grads, self._squared_norms(grads),
-                                             unscaled=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` as torch does, and free the sparse-backward buffers."""
@@ -364,25 +268,13 @@ class MISA(torch.optim.Optimizer):
             if batch.grads:
                 self._updater.adam(batch.active.params, batch.grads, batch.skip)
             self._source.release(batch.active)
-        if self._dense:
-            self._update_dense(scale, None if present is None else present[n:])
+        if self._dense.params:
+            self._dense.step(self._updater, self._squared_norms, scale, None if present is None else present[n:])
         self._sync.reset()
         self._inner_step += 1
         if self._inner_step >= self._inner_length:
             self._switch()
         return loss
-
-    def _update_dense(self, scale: LossScale, present: Optional[Tensor]) -> None:
-        """Dense AdamW on the pre-training parameters, each skipped alone when non-finite."""
-        params = [p for p in self._dense if p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        scale.unscale_([local(g) for g in grads])
-        finite = torch.isfinite(self._squared_norms(grads))
-        counted = both(None if present is None else present.bool(), scale.ok())
-        self._dense_skipped += (~finite if counted is None else ~finite & counted).sum()
-        self._updater.adam(params, grads, ~finite if counted is None else ~(finite & counted))
 
     def _squared_norms(self, grads) -> Tensor:
         out = torch.empty(len(grads), dtype=self._norm_dtype, device=self._device)
@@ -390,19 +282,11 @@ class MISA(torch.optim.Optimizer):
         return distributed.reduce_over_shards_(out, self._shard_group) if self._sync.sharded else out
 
     def _synced_params(self) -> list[nn.Parameter]:
-        return list(self._active.params) + self._dense
+        return list(self._active.params) + self._dense.params
 
     def _record_synced(self, params, grads) -> None:
-        """The averaged (under FSDP2: reduce-scattered) gradients' norms, for the scores."""
-        active, records = self._active, self._source.records
-        module = [(slot, g) for slot, g in zip(active.slots, grads[:len(active.params)]) if g is not None]
-        if not module:
-            return
-        slot_ids = (active.slot_ids if len(module) == len(active.slots)  # the usual case, on the device
-                    else torch.as_tensor([slot for slot, _ in module], dtype=torch.int64, device=self._device))
         # FSDP2 syncs in step() or clip_grad_norm_, after a GradScaler's unscale_ if any
-        records.record_many([s for s, _ in module], slot_ids, [g for _, g in module],
-                            self._squared_norms([g for _, g in module]), unscaled=self._sync.sharded)
+        self._source.record_current(self._active, grads[:len(self._active.params)], unscaled=self._sync.sharded)
 
     def _on_module_grad(self, name: str) -> None:
         self._source.on_module_grad(name)
