@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import misa_kernels as mk
-from misa_kernels.ops import backend
+from misa_kernels.ops import backend, self_check
+from misa_kernels.ops.self_check import check_fused
 from conftest import random_batch, tiny_llama
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,6 +23,67 @@ def test_auto_is_torch_on_cpu_and_for_fp64():
 def test_unknown_backend_names_the_argument():
     with pytest.raises(ValueError, match="^backend"):
         backend.resolve_backend("cuda", torch.device("cpu"))
+
+
+def _fused():
+    from misa_kernels.ops import triton_adam
+
+    return triton_adam
+
+
+def test_the_self_check_passes_the_real_kernels():
+    assert check_fused(_fused(), torch.device(DEVICE)) is None
+
+
+def test_the_self_check_names_a_mismatch_and_a_failure(monkeypatch):
+    fused = _fused()
+    real = fused.adam_update_
+
+    def off_by_a_bit(params, *args, **kwargs):
+        real(params, *args, **kwargs)
+        params[0].add_(1e-3)
+
+    monkeypatch.setattr(fused, "adam_update_", off_by_a_bit)
+    assert "differs from the PyTorch twin" in check_fused(fused, torch.device(DEVICE))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX compilation failed\nmore")
+
+    monkeypatch.setattr(fused, "adam_update_", broken)
+    assert check_fused(fused, torch.device(DEVICE)) == "RuntimeError: PTX compilation failed"
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(fused, "adam_update_", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not the kernels' fault: never a silent fallback
+        check_fused(fused, torch.device(DEVICE))
+
+
+def test_auto_falls_back_to_the_twin_with_one_warning(monkeypatch):
+    monkeypatch.setattr(backend, "fused_kernels_problem", lambda device: "triton 3.2 is older than 3.4")
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"backend='auto'.*triton 3\.2 is older.*PyTorch twin") as record:
+        for _ in range(3):
+            assert backend.resolve_backend("auto", torch.device("cuda")).__name__.endswith("torch_adam")
+    assert len(record) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CUDA device that is missing")
+def test_auto_on_a_cuda_device_that_cannot_run_falls_back():
+    with pytest.warns(RuntimeWarning, match="cannot be used on cuda"):
+        assert backend.resolve_backend("auto", torch.device("cuda")).__name__.endswith("torch_adam")
+
+
+def test_triton_fails_loudly_and_old_triton_is_refused(monkeypatch):
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    with pytest.raises(ImportError, match="triton 3.2.0 is older than 3.4"):
+        self_check.import_fused()
+    with pytest.raises(RuntimeError, match="backend='triton' needs the Triton kernels.*3.2.0"):
+        backend.resolve_backend("triton", torch.device(DEVICE))
+    assert not backend.triton_available()
 
 
 def _run(dtype, name, steps=14):
