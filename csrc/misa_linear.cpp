@@ -9,14 +9,15 @@
 //
 // The ops are device-generic ATen code. On CUDA, bf16/fp16 operands go straight into
 // the fp32 buffer through addmm's out_dtype overload (cuBLAS/cublasLt with fp32 output;
-// torch >= 2.9); elsewhere (CPU, older torch) the operands are upcast to fp32 and
-// addmm_'d into the buffer.
+// torch >= 2.9, the supported range for it); elsewhere (CPU, older torch) the operands are
+// upcast to fp32 and addmm_'d into the buffer (misa_kernels warns about that on CUDA).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #if __has_include(<torch/headeronly/version.h>)
 #include <torch/headeronly/version.h>
@@ -74,7 +75,13 @@ void addmm_fp32_(const at::Tensor& buffer, const at::Tensor& a, const at::Tensor
         at::Tensor out = buffer;
         at::addmm_out(out, buffer, a, b, at::kFloat);
         return;
-      } catch (const c10::Error&) {
+      } catch (const c10::OutOfMemoryError&) {
+        throw;  // not a refusal of the dtypes: the caller must see it, and the path stays on
+      } catch (const c10::Error& err) {
+        // Only a refusal of these dtypes switches to the fallback (for the whole process).
+        if (std::string(err.what_without_backtrace()).find("dtype") == std::string::npos) {
+          throw;
+        }
         fp32_out_gemm_refused.store(true, std::memory_order_relaxed);
       }
     }

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from conftest import enable_checkpointing, random_batch, saved_activation_bytes, tiny_gpt2, tiny_llama
+from misa_kernels.ops import linear_ops
 from misa_kernels.ops import sparse_linear as sl
 
 LINEAR_NAMES = {
@@ -396,13 +397,13 @@ def test_slot_switching_needs_no_rerouting(backend):
 # ---------------------------------------------------------------------- loading
 def test_fallback_warns_once_when_build_fails(monkeypatch):
     monkeypatch.delenv(sl.ENV_NO_EXT, raising=False)
-    monkeypatch.setattr(sl, "_native_loaded", None)
-    monkeypatch.setattr(sl, "_ops_registered", lambda: False)
+    monkeypatch.setattr(linear_ops, "_native_loaded", None)
+    monkeypatch.setattr(linear_ops, "_ops_registered", lambda: False)
 
     def broken_build():
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(sl, "_build", broken_build)
+    monkeypatch.setattr(linear_ops, "_build", broken_build)
     with pytest.warns(RuntimeWarning, match="no compiler"):
         assert sl.native_available() is False
     with warnings.catch_warnings():
@@ -413,13 +414,78 @@ def test_fallback_warns_once_when_build_fails(monkeypatch):
     assert x.grad is not None
 
 
+def test_fake_implementations_let_torch_compile_trace_the_ops(backend):
+    """torch.library.opcheck (schema, fake tensors, aot dispatch) on every op, in fp32 and
+    bf16, and a traced graph (aot_eager) that runs the real op."""
+    if backend == "fallback":
+        pytest.skip("the fakes belong to the native ops")
+    generator = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        dy, x = torch.randn(3, 5, 6, generator=generator).to(dtype), torch.randn(3, 5, 4, generator=generator).to(dtype)
+        torch.library.opcheck(torch.ops.misa.linear_weight_grad.default, (dy, x))
+        torch.library.opcheck(torch.ops.misa.linear_weight_grad_accumulate_.default,
+                              (torch.zeros(6, 4), dy, x, torch.zeros(6)))
+        torch.library.opcheck(torch.ops.misa.linear_input_grad.default, (dy, torch.randn(6, 4).to(dtype)))
+
+    def accumulate(buffer, bias, dy, x):
+        torch.ops.misa.linear_weight_grad_accumulate_(buffer, dy, x, bias)
+        return torch.ops.misa.linear_weight_grad(dy, x)
+
+    dy, x = torch.randn(2, 7, 6, generator=generator), torch.randn(2, 7, 4, generator=generator)
+    eager, traced = (torch.zeros(6, 4), torch.zeros(6)), (torch.zeros(6, 4), torch.zeros(6))
+    expected = accumulate(*eager, dy, x)
+    got = torch.compile(accumulate, backend="aot_eager", fullgraph=True)(*traced, dy, x)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_fp32_output_gemm_into_a_transposed_buffer(monkeypatch, dtype):
+    """The native CUDA path (addmm with out_dtype into the fp32 buffer) against the twin,
+    into GPT-2 Conv1D's layout: an (in, out) buffer seen (out, in) through a transposed,
+    non-contiguous view."""
+    monkeypatch.delenv(sl.ENV_NO_EXT, raising=False)
+    if not sl.native_available():
+        pytest.skip("the native extension could not be built here")
+    generator = torch.Generator().manual_seed(11)
+    dy = torch.randn(4, 33, 48, generator=generator).to(dtype).cuda()
+    x = torch.randn(4, 33, 40, generator=generator).to(dtype).cuda()
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv(sl.ENV_NO_EXT, flag)
+        storage = torch.full((40, 48), 0.5, device="cuda")  # Conv1D: (in, out)
+        bias = torch.full((48,), 0.25, device="cuda")
+        view = storage.t()
+        assert not view.is_contiguous()
+        sl.linear_weight_grad_accumulate_(view, dy, x, bias)
+        results.append((storage, bias))
+    exact = 0.5 + (dy.double().reshape(-1, 48).t() @ x.double().reshape(-1, 40)).t()
+    for native, twin in zip(*results):
+        torch.testing.assert_close(native, twin, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(results[0][0].double(), exact, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("version, device, dtype, noted", [
+    ("2.8.1+cu128", "cuda", torch.bfloat16, True), ("2.9.0", "cuda", torch.bfloat16, False),
+    ("2.4.0", "cuda", torch.float32, False), ("2.4.0", "cpu", torch.bfloat16, False),
+])
+def test_the_supported_torch_range_of_the_fp32_output_gemm(monkeypatch, version, device, dtype, noted):
+    monkeypatch.setattr(torch, "__version__", version)
+    note = linear_ops.low_precision_gemm_note(torch.device(device), dtype)
+    assert (note is not None) == noted
+    assert note is None or "upcasts dY and X to fp32" in note
+
+
 def test_env_var_forces_fallback(monkeypatch):
     monkeypatch.setenv(sl.ENV_NO_EXT, "1")
     assert sl.native_available() is False
 
 
 def test_import_does_not_build_the_extension():
-    code = ("import misa_kernels, misa_kernels.ops.sparse_linear as s, torch; "
+    code = ("import misa_kernels, misa_kernels.ops.linear_ops as s, torch; "
             "assert s._native_loaded is None; "
             "assert not hasattr(torch.ops.misa, 'linear_weight_grad_accumulate_')")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,29 +14,28 @@ buffers, accumulates ``dW`` and ``db`` straight into them in fp32 (gradient-accu
 fusion: no low-precision ``.grad`` is allocated and added per micro-batch), then calls
 ``slot.on_grad_ready(slot.key)`` so an optimizer can step the module in backward.
 
-The products run in the native ops ``torch.ops.misa.*`` (``csrc/misa_linear.cpp``),
-JIT-built on first use, or in the PyTorch twin below with the same semantics when the
-build fails or ``MISA_KERNELS_NO_EXT=1``.
+The products run in :mod:`.linear_ops`: the native ops ``torch.ops.misa.*``
+(``csrc/misa_linear.cpp``, JIT-built on first use) or their PyTorch twin.
 
 :func:`route_linears` sends existing ``nn.Linear``/``Conv1D`` modules through
 :class:`SparseLinearFunction` while training, without replacing them.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import threading
-import warnings
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from .linear_ops import (  # noqa: F401  (re-exported: the ops are part of this module's API)
+    ENV_NO_EXT, check_fp32, rows, linear_input_grad, linear_weight_grad, linear_weight_grad_accumulate_,
+    native_available, reset_weight_grad_gemm_count, weight_grad_gemm_count,
+)
 
 __all__ = [
     "ENV_NO_EXT",
@@ -53,134 +52,6 @@ __all__ = [
     "sparse_linear",
     "weight_grad_gemm_count",
 ]
-
-ENV_NO_EXT = "MISA_KERNELS_NO_EXT"
-EXTENSION_NAME = "misa_kernels_C"
-_SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "misa_linear.cpp"
-
-_load_lock = threading.Lock()
-_native_loaded: Optional[bool] = None
-_count_lock = threading.Lock()
-_fallback_gemms = 0
-
-
-# ---------------------------------------------------------------------- loading
-def _ops_registered() -> bool:
-    try:
-        torch.ops.misa.linear_weight_grad_accumulate_
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _build() -> None:
-    """Register ``torch.ops.misa``: a prebuilt ``misa_kernels._C`` if installed, else a
-    JIT build of ``csrc/misa_linear.cpp`` cached in the torch extensions directory."""
-    try:
-        importlib.import_module("misa_kernels._C")
-    except (ImportError, OSError):
-        pass
-    if _ops_registered():
-        return
-    if not _SOURCE.is_file():
-        raise FileNotFoundError(f"{_SOURCE} is not shipped with this install")
-    from torch.utils.cpp_extension import load
-
-    load(name=EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False,
-         is_python_module=False)
-
-
-def _try_load() -> bool:
-    if _ops_registered():
-        return True
-    try:
-        _build()
-    except Exception as err:  # any build failure means the fallback, never a crash
-        reason = f"{type(err).__name__}: {str(err).strip()[-400:]}"
-        warnings.warn(f"misa_kernels: the native sparse-linear ops could not be built ({reason}); "
-                      "using the PyTorch fallback, which has the same semantics", RuntimeWarning, stacklevel=4)
-        return False
-    return _ops_registered()
-
-
-def _load_native() -> bool:
-    global _native_loaded
-    if _native_loaded is None:
-        with _load_lock:
-            if _native_loaded is None:
-                _native_loaded = _try_load()
-    return _native_loaded
-
-
-def _forced_fallback() -> bool:
-    return os.environ.get(ENV_NO_EXT, "") not in ("", "0")
-
-
-def native_available() -> bool:
-    """True when the native ops are in use: built (or loaded) and not disabled by
-    ``MISA_KERNELS_NO_EXT=1``. The first call may compile the extension."""
-    return not _forced_fallback() and _load_native()
-
-
-# ---------------------------------------------------------------------- ops
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
-def _count_fallback_gemm() -> None:
-    global _fallback_gemms
-    with _count_lock:
-        _fallback_gemms += 1
-
-
-def weight_grad_gemm_count() -> int:
-    """Weight-gradient GEMMs run so far by the native ops and the fallback together."""
-    native = torch.ops.misa.weight_grad_gemm_count() if _native_loaded else 0
-    return int(native) + _fallback_gemms
-
-
-def reset_weight_grad_gemm_count() -> None:
-    global _fallback_gemms
-    if _native_loaded:
-        torch.ops.misa.reset_weight_grad_gemm_count()
-    with _count_lock:
-        _fallback_gemms = 0
-
-
-def linear_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
-    """``dX = dY W`` for ``W`` in (out, in) layout; keeps the leading dims of ``dY``."""
-    if native_available():
-        return torch.ops.misa.linear_input_grad(grad_out, weight)
-    return torch.matmul(grad_out, weight)
-
-
-def linear_weight_grad(grad_out: Tensor, inputs: Tensor) -> Tensor:
-    """``dW = dY^T X`` over flattened rows, in the operands' dtype."""
-    if native_available():
-        return torch.ops.misa.linear_weight_grad(grad_out, inputs)
-    _count_fallback_gemm()
-    return torch.mm(_rows(grad_out).t(), _rows(inputs))
-
-
-def linear_weight_grad_accumulate_(grad_buffer: Tensor, grad_out: Tensor, inputs: Tensor,
-                                   bias_buffer: Optional[Tensor] = None) -> None:
-    """``grad_buffer += dY^T X`` (out x in) and ``bias_buffer += sum_rows dY``, both fp32
-    buffers, with fp32 accumulation whatever the dtype of ``dY`` and ``X``."""
-    if native_available():
-        torch.ops.misa.linear_weight_grad_accumulate_(grad_buffer, grad_out, inputs, bias_buffer)
-        return
-    _check_fp32(grad_buffer, "grad_buffer")
-    dy = _rows(grad_out)
-    _count_fallback_gemm()
-    grad_buffer.addmm_(dy.t().float(), _rows(inputs).float())
-    if bias_buffer is not None:
-        _check_fp32(bias_buffer, "bias_buffer")
-        bias_buffer.add_(dy.sum(0, dtype=torch.float32))
-
-
-def _check_fp32(buffer: Tensor, name: str) -> None:
-    if buffer.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {buffer.dtype}")
 
 
 # ---------------------------------------------------------------------- autograd
@@ -246,10 +117,10 @@ def _param_grads(grad_out: Tensor, x: Optional[Tensor], slot: Optional[GradSlot]
     elif need_w:
         grad_w = _weight_grad(grad_out, x, transposed)
     if b_buf is not None and w_buf is None:
-        _check_fp32(b_buf, "bias_buffer")
-        b_buf.add_(_rows(grad_out).sum(0, dtype=torch.float32))
+        check_fp32(b_buf, "bias_buffer")
+        b_buf.add_(rows(grad_out).sum(0, dtype=torch.float32))
     elif need_b and b_buf is None:
-        grad_b = _rows(grad_out).sum(0)
+        grad_b = rows(grad_out).sum(0)
     return grad_w, grad_b, w_buf is not None or b_buf is not None
 
 

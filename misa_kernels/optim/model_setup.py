@@ -3,6 +3,7 @@ the param groups and the budget. Read once, when the optimizer is built.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..backward import SparseBackward
 from ..modules import ModuleFilter, Unit, discover_modules, group_by_layer, is_lora_matrix, is_lora_model
+from ..ops.linear_ops import low_precision_gemm_note
 from ..ops.sparse_linear import is_routable
 
 
@@ -84,4 +86,9 @@ def sparse_backward(model: nn.Module, units: list[Unit], step_in_backward: bool,
     if unsupported and step_in_backward:
         raise ValueError(f"step_in_backward=True needs every module to be an nn.Linear or Conv1D with its "
                          f"own forward; these are not: {unsupported[:5]}")
-    return SparseBackward({n: m for n, m in modules.items() if n not in unsupported}, on_grad_ready)
+    routed = {n: m for n, m in modules.items() if n not in unsupported}
+    notes = {low_precision_gemm_note(m.weight.device, m.weight.dtype) for m in routed.values()} - {None}
+    for note in notes:
+        warnings.warn(f"sparse_backward: {note}; upgrade torch to avoid those temporaries", RuntimeWarning,
+                      stacklevel=4)
+    return SparseBackward(routed, on_grad_ready)
