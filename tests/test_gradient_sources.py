@@ -75,6 +75,7 @@ def test_norm_records_know_when_a_gradient_changed():
     assert not records.complete([0])
     records.record(0, grad)
     assert records.complete([0]) and records.fresh([0], [grad]) and float(records.sq[0]) == 12.0
+    assert not records.fresh([0], [grad.clone()])  # replaced out of place: another tensor, same version
     grad.mul_(0.5)  # clipping
     assert not records.fresh([0], [grad]) and float(records.sq[0]) == 12.0
     records.forget([0])

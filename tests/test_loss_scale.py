@@ -14,10 +14,12 @@ from conftest import random_batch, tiny_llama
 SCALE = 2.0**14
 
 
-def _run(scaler: bool, steps: int = 10, unscale: bool = False, clip: str = "", **overrides):
+def _run(scaler: bool, steps: int = 10, unscale: bool = False, clip: str = "", attach: bool = False, **overrides):
     model = tiny_llama(dtype=overrides.pop("dtype", torch.float32))
     opt = mk.MISA(model, **{**dict(lr=1e-2, delta=0.1, inner_steps=2, seed=1, backend="torch"), **overrides})
     grad_scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=10**6) if scaler else None
+    if attach:
+        opt.grad_scaler = grad_scaler
     draws = []
     for step in range(steps):
         draws.append(tuple(opt.active_modules))
@@ -62,10 +64,20 @@ def test_unscale_then_misa_clipping_keeps_unclipped_unscaled_scores(clip):
         assert torch.equal(a, b)
 
 
+def test_unscale_then_torch_clipping_with_the_scaler_attached_keeps_unclipped_scores():
+    """The HF Trainer's fp16 path (scaler.unscale_, torch's clip_grad_norm_, scaler.step):
+    with ``opt.grad_scaler`` set, backward's records are divided by that scaler's S^2."""
+    plain_model, plain, plain_draws = _run(False, clip="torch")
+    scaled_model, scaled, scaled_draws = _run(True, unscale=True, clip="torch", attach=True)
+    assert scaled_draws == plain_draws and scaled.scores == plain.scores
+    for a, b in zip(scaled_model.parameters(), plain_model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_unscale_then_torch_clipping_scores_what_step_sees():
     """Documented limit: after the user's scaler.unscale_ the scaler hands MISA no scale,
-    so the scores come from the gradients at step(), i.e. after torch's clipping. They are
-    still free of the scale (not S^2 times too large)."""
+    so without ``opt.grad_scaler`` the scores come from the gradients at step(), i.e. after
+    torch's clipping. They are still free of the scale (not S^2 times too large)."""
     _, plain, _ = _run(False, steps=1, inner_steps=1, clip="torch")
     _, scaled, _ = _run(True, steps=1, inner_steps=1, unscale=True, clip="torch")
     model = tiny_llama()
@@ -102,6 +114,8 @@ def test_an_overflowing_step_changes_nothing():
 
 
 def test_combinations_that_cannot_be_unscaled_are_refused():
+    with pytest.raises(RuntimeError, match="GradScaler with fp16 weights"):
+        _run(True, steps=1, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="sparse_backward=True with bf16/fp16 weights"):
         _run(True, steps=1, sparse_backward=True, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="step_in_backward=True .* GradScaler"):

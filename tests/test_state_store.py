@@ -21,6 +21,9 @@ def test_allocate_gives_fresh_states_with_a_master_only_for_16_bit(dtype):
     params = _params(dtype)
     store = StateStore({}, keep=False)
     store.allocate(params)
+    with torch.no_grad():
+        params[0].mul_(2)  # changed after activation (a checkpoint loaded, a broadcast): the master follows
+    store.of(params)  # the updater's first read fills the masters
     for p in params:
         state = store.state[p]
         assert (state["master"] is not None) == (dtype == torch.bfloat16)

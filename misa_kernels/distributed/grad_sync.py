@@ -58,7 +58,9 @@ class GradSync:
         self._params, self._grad, self._ensure_grad = params, grad, ensure_grad
         self._on_synced, self.sharded = on_synced, sharded
         self._synced = self._queued = False
-        self.present: Optional[Tensor] = None  # device 0/1 per params(): a gradient on some rank
+        self.present: Optional[Tensor] = None  # device bool per params(): a gradient on some rank
+        self._filled: dict[nn.Parameter, tuple[int, int]] = {}  # zeros this sync gave: address, version after it
+        self._flag_cache: dict[tuple[bool, ...], Tensor] = {}
         self._ddp = DDPTakeover(model)
         self._handles: list = [self._ddp]  # removed by remove()
         if not sharded:  # FSDP2 averages itself, at its own time
@@ -80,7 +82,7 @@ class GradSync:
 
     def reset(self) -> None:
         """After ``step()``: the next gradients are new."""
-        self._synced, self.present = False, None
+        self._synced, self.present, self._filled = False, None, {}
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -93,14 +95,29 @@ class GradSync:
         if self.sharded:
             self._on_synced(params, [self._grad(p) for p in params])
             return
-        local = [self._grad(p) is not None for p in params]
+        if not params:
+            return
+        own = tuple(self._has_own_grad(p) for p in params)
         grads = [self._ensure_grad(p) for p in params]
-        device = grads[0].device if grads else torch.device("cpu")
-        flags = (torch.ones(len(params), dtype=torch.int32, device=device) if all(local)  # the usual case
-                 else torch.tensor(local, dtype=torch.int32, device=device))
+        flags = self._flags(own, grads[0].device)
         collectives.average_(grads)
-        self.present = collectives.any_rank_(flags).bool()
+        self.present = collectives.any_rank_(flags.clone()).bool()
+        # The zeros given to the others are averaged now; a later sync of this step must
+        # not take them for a gradient of this rank's backward.
+        self._filled = {p: (g.data_ptr(), g._version) for p, g, mine in zip(params, grads, own) if not mine}
         self._on_synced(params, grads)
+
+    def _has_own_grad(self, param: nn.Parameter) -> bool:
+        grad = self._grad(param)
+        return grad is not None and self._filled.get(param) != (grad.data_ptr(), grad._version)
+
+    def _flags(self, own: tuple[bool, ...], device: torch.device) -> Tensor:
+        """``own`` as device 0/1 flags, copied to the device once per pattern (cached)."""
+        if own not in self._flag_cache:
+            if len(self._flag_cache) >= 16:
+                self._flag_cache.clear()
+            self._flag_cache[own] = torch.tensor(own, dtype=torch.int32, device=device)
+        return self._flag_cache[own]
 
     def _hook_output(self, model: nn.Module, args: tuple, output) -> None:
         """Forward hook: queue a sync at the end of the backward through this output."""

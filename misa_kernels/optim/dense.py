@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import local
-from .gradients import both
+from .gradients import both, select
 from .loss_scale import LossScale
 from .updater import Updater
 
@@ -29,12 +29,13 @@ class DenseParameters:
              present: Optional[Tensor]) -> None:
         """One AdamW step of the tensors with a gradient (``present``: device flags, one per
         dense tensor, whether it had a gradient on some rank)."""
-        params = [p for p in self.params if p.grad is not None]
+        has_grad = [p.grad is not None for p in self.params]
+        params = [p for p, kept in zip(self.params, has_grad) if kept]
         if not params:
             return
         grads = [p.grad for p in params]
         scale.unscale_([local(g) for g in grads])
         finite = torch.isfinite(squared_norms(grads))
-        counted = both(None if present is None else present.bool(), scale.ok())
+        counted = both(None if present is None else select(present, has_grad), scale.ok())
         self.skipped += (~finite if counted is None else ~finite & counted).sum()
         updater.adam(params, grads, ~finite if counted is None else ~(finite & counted))

@@ -42,6 +42,13 @@ class StepGradients:
     observed: Optional[Tensor]
 
 
+def select(flags: Tensor, keep: Sequence[bool]) -> Tensor:
+    """The entries of a device tensor where ``keep`` is True (without a copy when all are)."""
+    if all(keep):
+        return flags
+    return flags[torch.as_tensor([i for i, kept in enumerate(keep) if kept], device=flags.device)]
+
+
 def both(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     """``a & b`` of two optional device masks (``None``: all True)."""
     if a is None or b is None:
@@ -104,24 +111,29 @@ class RecordedGradients:
         applied, scored = self._norms(subset, grads, scale)
         unit_applied, unit_scored = subset.per_unit(applied), subset.per_unit(scored)
         finite = torch.isfinite(unit_applied) & torch.isfinite(unit_scored)
+        present = None if present is None else select(present, [self.backward.grad(p) is not None
+                                                                 for p in active.params])
         on_some_rank = None if present is None else subset.per_unit(present.to(applied.dtype)) > 0
         observed = both(both(subset.covered, on_some_rank), scale.ok())
         skip = subset.per_param(~finite if observed is None else ~(finite & observed))
+        if present is not None:  # a tensor without a gradient on any rank: not updated
+            skip = skip | ~present
         return StepGradients(subset, grads, skip, unit_scored / subset.unit_numel, finite, observed)
 
     def _norms(self, subset: ActiveSet, grads: list, scale: LossScale) -> tuple[Tensor, Tensor]:
         """Squared norms of the gradients as applied (for the finite check) and as scored
         (as backward left them, before clipping, free of the loss scale)."""
         slots = subset.slots
-        # A GradScaler's unscale_ changes no version counter: after the user's, only
-        # records made after it (by clip_grad_norm_, or an FSDP2 sync) are of this scale.
-        usable = self.records.complete(slots) and (not scale.unscaled_by_user or self.records.all_unscaled(slots))
-        recorded = self.records.read(subset.slot_ids) if usable else None
+        recorded = self.records.read(subset.slot_ids) if self.records.complete(slots) else None
         fresh = recorded is not None and self.records.fresh(slots, grads)
-        factor = scale.norm_factor(self.records.sq.dtype)
-        if factor is not None:  # the scale S is still in the gradients and the records
+        if recorded is not None and scale.scale is not None:  # nothing unscaled yet: all times S
+            recorded = recorded * scale.norm_factor(self.records.sq.dtype)
+        elif recorded is not None and scale.unscaled_by_user and not self.records.all_unscaled(slots):
+            # read by backward, before the user's unscale_ (which left no version mark)
+            factor = scale.norm_factor(self.records.sq.dtype)
+            recorded, fresh = (None if factor is None else recorded * factor), False
+        if scale.scale is not None:  # S is still in the gradients
             scale.unscale_([local(g) for g in grads])
-            recorded = None if recorded is None else recorded * factor
         applied = recorded if fresh else self.squared_norms(grads)
         return applied, applied if recorded is None else recorded
 

@@ -102,8 +102,8 @@ class MISA(MISAViews, torch.optim.Optimizer):
             model, else ``False``.
         momentum_step: the extra step of Alg. 1 line 16,
             ``theta -= lr * c * m_hat / (sqrt(v_hat) + eps)``: ``"beta1"`` (``c = beta1``,
-            the default with fresh states), ``"proof"`` (``c = beta1 / (1 - beta1)``, 9x
-            larger at ``beta1 = 0.9``: what the appendix's variable transform
+            the default with fresh states), ``"proof"`` (``c = beta1 / (1 - beta1)``, 10x
+            the former at ``beta1 = 0.9``: what the appendix's variable transform
             ``x = theta - alpha beta1/(1 - beta1) m/(sqrt(v) + eps)`` implies, the step
             moving ``theta`` to ``x``) or ``"none"``. With kept states the moment carries
             on into the module's next activation, so the default is ``"none"`` and a
@@ -112,7 +112,10 @@ class MISA(MISAViews, torch.optim.Optimizer):
     Non-finite gradients skip that module's update (weights, moments, step count and score
     untouched). Under ``torch.amp.GradScaler`` (``scaler.step(opt)``) MISA unscales the
     gradients itself, skips steps the scaler finds overflowing, and divides the scores'
-    norms by ``S^2``, so scores do not depend on the loss scale.
+    norms by ``S^2``, so scores do not depend on the loss scale. If you call
+    ``scaler.unscale_(opt)`` yourself (to clip, as the HF Trainer does with fp16), set
+    ``opt.grad_scaler = scaler`` (or clip with :meth:`clip_grad_norm_`) to keep the scores
+    unclipped.
 
     Under ``torch.distributed`` (no wrapper, or DDP built before or after MISA) MISA
     averages the gradients of the active set and the dense parameters over the ranks
@@ -180,6 +183,8 @@ class MISA(MISAViews, torch.optim.Optimizer):
                                           refuse=self._refuse_step_in_backward)
                         if step_in_backward else RecordedGradients(*args))
         self._dense = DenseParameters(found.dense, device)
+        self._fp16 = any(p.dtype == torch.float16 for p in found.unit_params + found.dense)
+        self.grad_scaler = None  # the GradScaler whose unscale_ the user calls (see loss_scale.py)
         self._warned: set[str] = set()
         self._original_requires_grad = {p: p.requires_grad for p in found.all_params}
         self._active, self._active_layers = self._sets.build([]), set()
@@ -296,6 +301,10 @@ class MISA(MISAViews, torch.optim.Optimizer):
         return _STEP_IN_BACKWARD_DISTRIBUTED if distributed.collectives.world_size() > 1 else None
 
     def _refuse_unscalable(self, scale: LossScale) -> None:
+        if scale.scaler and self._fp16:
+            raise RuntimeError("torch.amp.GradScaler with fp16 weights: their fp16 gradients would be unscaled in "
+                               "fp16, losing what the scaling kept (torch's own unscale_ refuses them too); train "
+                               "fp32 weights under torch.autocast(dtype=torch.float16), or bf16 without a scaler")
         if scale.scaler and isinstance(self._backward, SparseBackward) and self._backward.holds_outside_grad:
             raise RuntimeError("sparse_backward=True with bf16/fp16 weights keeps the fp32 gradients outside .grad, "
                                "where torch.amp.GradScaler can neither unscale nor check them: train fp32 weights "

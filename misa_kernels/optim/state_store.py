@@ -5,7 +5,9 @@ The layout, one entry of ``torch.optim.Optimizer.state`` per parameter (under FS
 rank's shard only):
 
 * ``master``: fp32 copy of a bf16/fp16 weight (the update runs on it and rounds into the
-  weight), ``None`` for fp32/fp64 weights, which are updated in place;
+  weight), ``None`` for fp32/fp64 weights, which are updated in place. Allocated with the
+  rest on activation, it is filled from the weight when the updater first reads it, so a
+  weight changed in between (a checkpoint loaded, a DDP broadcast) is not reverted;
 * ``exp_avg``, ``exp_avg_sq``: Adam's ``m`` and ``v`` in fp32 (fp64 for fp64 weights);
 * ``step``: a 0-dim fp32 tensor on the parameter's device, the number of updates applied
   to this tensor (a skipped update does not count): its bias corrections use it, and
@@ -30,12 +32,12 @@ def nbytes(tensor: Optional[Tensor]) -> int:
 
 
 def fresh_state(param: nn.Parameter) -> dict:
-    """Zero moments, no update yet, and the fp32 master of a 16-bit weight."""
+    """Zero moments, no update yet, and room for the fp32 master of a 16-bit weight."""
     shard = local(param).detach()
     low = shard.dtype in LOW_PRECISION
     exp_avg = torch.zeros_like(shard, dtype=torch.float32 if low else shard.dtype,
                                memory_format=torch.preserve_format)
-    return dict(master=shard.float().clone() if low else None, exp_avg=exp_avg,
+    return dict(master=torch.empty_like(exp_avg) if low else None, exp_avg=exp_avg,
                 exp_avg_sq=torch.zeros_like(exp_avg),
                 step=torch.zeros((), dtype=torch.float32, device=shard.device))
 
@@ -49,12 +51,15 @@ class StateStore:
     def __init__(self, state: MutableMapping[nn.Parameter, dict], keep: bool):
         self.state, self.keep = state, keep
         self._peak = 0
+        self._unfilled: set[nn.Parameter] = set()  # masters not yet copied from their weight
 
     def allocate(self, params: Iterable[nn.Parameter]) -> None:
         """Give every tensor of ``params`` states (kept ones are reused)."""
         for param in params:
             if not self.state.get(param):
                 self.state[param] = fresh_state(param)
+                if self.state[param]["master"] is not None:
+                    self._unfilled.add(param)
         self._peak = max(self._peak, self.held_bytes())
 
     def release(self, params: Iterable[nn.Parameter]) -> None:
@@ -63,13 +68,20 @@ class StateStore:
         if not self.keep:
             for param in params:
                 self.state.pop(param, None)
+                self._unfilled.discard(param)
 
     def clear(self) -> None:
         """Free every state, kept ones too (before loading a ``state_dict``)."""
         self._peak = max(self._peak, self.held_bytes())
         self.state.clear()
+        self._unfilled.clear()
 
     def of(self, params: Sequence[nn.Parameter]) -> list[dict]:
+        """The states of ``params``, for an update: masters filled from their weights."""
+        if self._unfilled:
+            for param in self._unfilled.intersection(params):
+                self.state[param]["master"].copy_(local(param))
+                self._unfilled.discard(param)
         return [self.state[p] for p in params]
 
     def bytes_of(self, params: Iterable[nn.Parameter]) -> dict[str, int]:
@@ -93,6 +105,7 @@ class StateStore:
         self._peak = self.held_bytes()
 
     def state_dict(self, index: dict[nn.Parameter, int]) -> dict[int, dict]:
+        self.of(list(self._unfilled))  # no unfilled master is ever saved
         return {index[p]: dict(s) for p, s in self.state.items() if s}
 
     @staticmethod
