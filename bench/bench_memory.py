@@ -226,15 +226,20 @@ def measure_memory(seq_lens: list[int], quick: bool, methods: tuple[str, ...] = 
     runs = [(name, seq) for seq in setup.seq_lens for name in methods]
     for name, seq in tqdm(runs, desc="memory vs sequence length", disable=not progress):
         row = dict(method=name, seq_len=seq, device=str(setup.device), dtype=str(setup.dtype).removeprefix("torch."))
-        try:
-            row.update(measure_one(name, seq, setup))
-        except MissingPeer as err:
-            row["error"] = str(err)
-        except torch.cuda.OutOfMemoryError:
-            row["error"] = "out of memory"
-            torch.cuda.empty_cache()
-        rows.append(row)
+        rows.append({**row, **measure_or_error(name, seq, setup)})
     return rows
+
+
+def measure_or_error(name: str, seq: int, setup) -> dict:
+    """:func:`measure_one`'s readings, or ``{"error": why}`` when a peer is missing or the
+    run does not fit."""
+    try:
+        return measure_one(name, seq, setup)
+    except MissingPeer as err:
+        return {"error": str(err)}
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"error": "out of memory"}
 
 
 # ---------------------------------------------------------------------- report
