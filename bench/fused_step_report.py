@@ -57,11 +57,7 @@ def markdown(env: dict, copy_gbs: float, rows: list[dict]) -> str:
         o, f, e = "ours_norm_update", "adamw_fused_norm_step", "adamw_foreach_norm_step"
         lines.append(
             f"| {r.get('family', 'llama')} | {r.get('label', '')} | {r['tensors']} | {r['params'] / 1e6:.2f} "
-            f"| {r[o + '_ms']:.3f} | {r[o + '_host_ms']:.3f} | {r[o + '_cpu_ms']:.3f} "
-            f"| {r[o + '_bytes_per_param']:.1f} | {r[o + '_gbs']:.1f} | {r[o + '_pct_copy']:.1f} "
-            f"| {r[f + '_ms']:.3f} | {r[f + '_host_ms']:.3f} | {r[f + '_bytes_per_param']:.1f} "
-            f"| {r[f + '_gbs']:.1f} | {r[f + '_pct_copy']:.1f} "
-            f"| {r[e + '_ms']:.3f} | {r[e + '_host_ms']:.3f} | {r[e + '_gbs']:.1f} "
+            f"{_timing_cells(r, o, f, e)}"
             f"| {_speedup(r[f + '_ms'], r[o + '_ms'])} | {_speedup(r[e + '_ms'], r[o + '_ms'])} |")
     lines += [
         "",
@@ -73,14 +69,18 @@ def markdown(env: dict, copy_gbs: float, rows: list[dict]) -> str:
     ]
     for r in rows:
         o, f, e = "ours_update", "adamw_fused_step", "adamw_foreach_step"
-        lines.append(
-            f"| {r.get('family', 'llama')} | {r.get('label', '')} | {r['tensors']} "
-            f"| {r[o + '_ms']:.3f} | {r[o + '_host_ms']:.3f} | {r[o + '_cpu_ms']:.3f} "
-            f"| {r[o + '_bytes_per_param']:.1f} | {r[o + '_gbs']:.1f} | {r[o + '_pct_copy']:.1f} "
-            f"| {r[f + '_ms']:.3f} | {r[f + '_host_ms']:.3f} | {r[f + '_bytes_per_param']:.1f} "
-            f"| {r[f + '_gbs']:.1f} | {r[f + '_pct_copy']:.1f} "
-            f"| {r[e + '_ms']:.3f} | {r[e + '_host_ms']:.3f} | {r[e + '_gbs']:.1f} |")
+        lines.append(f"| {r.get('family', 'llama')} | {r.get('label', '')} | {r['tensors']} "
+                     f"{_timing_cells(r, o, f, e)}|")
     return "\n".join(lines)
+
+
+def _timing_cells(r: dict, ours: str, fused: str, foreach: str) -> str:
+    """The cells both tables share: ours, AdamW fused and foreach, each by its row-key prefix."""
+    return (f"| {r[ours + '_ms']:.3f} | {r[ours + '_host_ms']:.3f} | {r[ours + '_cpu_ms']:.3f} "
+            f"| {r[ours + '_bytes_per_param']:.1f} | {r[ours + '_gbs']:.1f} | {r[ours + '_pct_copy']:.1f} "
+            f"| {r[fused + '_ms']:.3f} | {r[fused + '_host_ms']:.3f} | {r[fused + '_bytes_per_param']:.1f} "
+            f"| {r[fused + '_gbs']:.1f} | {r[fused + '_pct_copy']:.1f} "
+            f"| {r[foreach + '_ms']:.3f} | {r[foreach + '_host_ms']:.3f} | {r[foreach + '_gbs']:.1f} ")
 
 
 def over_copy_bandwidth(rows: list[dict]) -> list[str]:

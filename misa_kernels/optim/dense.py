@@ -37,5 +37,5 @@ class DenseParameters:
         scale.unscale_([local(g) for g in grads])
         finite = torch.isfinite(squared_norms(grads))
         counted = both(None if present is None else select(present, has_grad), scale.ok())
-        self.skipped += (~finite if counted is None else ~finite & counted).sum()
-        updater.adam(params, grads, ~finite if counted is None else ~(finite & counted))
+        self.skipped += both(~finite, counted).sum()
+        updater.adam(params, grads, ~both(finite, counted))

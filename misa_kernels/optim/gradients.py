@@ -104,18 +104,18 @@ class RecordedGradients:
 
         ``present`` (device, one flag per active parameter): the parameter had a gradient
         on some rank; the others are skipped and not scored."""
-        subset = self.sets.subset(active, [self.backward.grad(p) is not None for p in active.params])
+        has_grad = [self.backward.grad(p) is not None for p in active.params]
+        subset = self.sets.subset(active, has_grad)
         if not subset.params:
             return None
         grads = [self.backward.grad(p) for p in subset.params]
         applied, scored = self._norms(subset, grads, scale)
         unit_applied, unit_scored = subset.per_unit(applied), subset.per_unit(scored)
         finite = torch.isfinite(unit_applied) & torch.isfinite(unit_scored)
-        present = None if present is None else select(present, [self.backward.grad(p) is not None
-                                                                 for p in active.params])
+        present = None if present is None else select(present, has_grad)
         on_some_rank = None if present is None else subset.per_unit(present.to(applied.dtype)) > 0
         observed = both(both(subset.covered, on_some_rank), scale.ok())
-        skip = subset.per_param(~finite if observed is None else ~(finite & observed))
+        skip = subset.per_param(~both(finite, observed))
         if present is not None:  # a tensor without a gradient on any rank: not updated
             skip = skip | ~present
         return StepGradients(subset, grads, skip, unit_scored / subset.unit_numel, finite, observed)
