@@ -8,8 +8,9 @@ MISA drives this seam at every switch of the active set and reads gradients thro
 * :class:`SparseBackward` routes the module Linear layers through the sparse-backward
   ops (``csrc/misa_linear.cpp`` or their PyTorch twin, see
   :mod:`misa_kernels.ops.sparse_linear`): an active weight's gradient is accumulated in
-  fp32 straight into a buffer allocated in backward and freed after the step, and a
-  callback fires as soon as a module's gradient is complete (for ``step_in_backward``).
+  fp32 straight into a view of a :class:`~misa_kernels.grad_arena.GradArena` (fixed
+  addresses for the inner loop), and a callback fires as soon as a module's gradient is
+  complete (for ``step_in_backward``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from typing import Callable, Iterable, Mapping, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
+from .grad_arena import GradArena
 from .ops.sparse_linear import GradSlot, route_linears
+
+Pair = tuple[nn.Parameter, Optional[nn.Parameter]]  # a module's (weight, bias)
 
 
 class BackwardPath(Protocol):
@@ -83,31 +87,42 @@ class AutogradBackward:
 class SparseBackward(AutogradBackward):
     """Module Linear layers routed through :func:`~misa_kernels.ops.sparse_linear.route_linears`.
 
-    ``modules`` maps names to ``nn.Linear``/``Conv1D`` modules; their weights' (and biases')
-    gradients live in fp32 :class:`GradSlot` buffers, allocated when backward first reaches
-    an active module and released by :meth:`release_grads`. For fp32 weights the buffer is
-    also the parameter's ``.grad`` (so ``clip_grad_norm_`` sees it); a bf16/fp16 weight
-    keeps ``.grad`` empty, because torch requires a gradient of the parameter's dtype.
-    ``on_grad_ready(name)`` runs once a module's buffers hold this backward's gradient.
-    ``live_bytes``/``peak_bytes`` track the buffers' memory.
+    ``modules`` maps names to ``nn.Linear``/``Conv1D`` modules, ``slices`` names to the
+    ``(weight, bias)`` views of expert matrices (routed by
+    :func:`~misa_kernels.experts.route_experts` through ``slots``); their weights' (and
+    biases') gradients live in fp32 :class:`GradSlot` buffers: views of a :class:`GradArena` built
+    for the active modules when backward first reaches one of them after a switch
+    (``shared``, for ``step_in_backward``: one module-sized buffer reused by each module in
+    turn), handed to a slot on its first contribution and given back (zeroed) by
+    :meth:`release_grads`. For fp32 weights the buffer is also the parameter's ``.grad``
+    (so ``clip_grad_norm_`` sees it); a bf16/fp16 weight keeps ``.grad`` empty, because
+    torch requires a gradient of the parameter's dtype. ``on_grad_ready(name)`` runs once a
+    module's buffers hold this backward's gradient. ``live_bytes``/``peak_bytes`` count the
+    arena and any buffer allocated outside it.
     """
 
     name = "sparse"
 
-    def __init__(self, modules: Mapping[str, nn.Module], on_grad_ready: Callable[[str], None]):
-        self._modules = dict(modules)
-        self._routing = route_linears(self._modules)
+    def __init__(self, modules: Mapping[str, nn.Module], on_grad_ready: Callable[[str], None],
+                 shared: bool = False, slices: Mapping[str, Pair] = {}):
+        self._routing = route_linears(dict(modules))
+        self._pairs: dict[str, Pair] = {name: (m.weight, m.bias) for name, m in modules.items()}
+        self._pairs.update(slices)
+        self.slots: dict[str, GradSlot] = {**self._routing.slots, **{key: GradSlot(key) for key in slices}}
         self.params_of: dict[str, tuple[nn.Parameter, ...]] = {}
         self._slot_of: dict[nn.Parameter, tuple[GradSlot, str]] = {}
-        for name, module in self._modules.items():
-            slot = self._routing.slots[name]
+        for name, (weight, bias) in self._pairs.items():
+            slot = self.slots[name]
             slot.on_grad_ready, slot.on_demand = on_grad_ready, self._allocate
-            params = tuple(p for p in (module.weight, module.bias) if p is not None)
+            params = tuple(p for p in (weight, bias) if p is not None)
             self.params_of[name] = params
             for param, field in zip(params, ("weight_buffer", "bias_buffer")):
                 self._slot_of[param] = (slot, field)
+        self.shared = shared
+        self.arena: Optional[GradArena] = None
         self.live_bytes = self.peak_bytes = 0
         self._live: dict[str, GradSlot] = {}  # slots holding buffers, so clearing skips the rest
+        self._in_arena: set[str] = set()  # of those, the ones holding arena views
 
     def routes(self, param: nn.Parameter) -> bool:
         """Whether ``param``'s gradient goes to a buffer rather than ``.grad``."""
@@ -130,40 +145,72 @@ class SparseBackward(AutogradBackward):
             self._allocate(found[0])
         return self.grad(param)
 
-    def _allocate(self, slot: GradSlot) -> None:
-        module = self._modules[slot.key]
-        slot.allocate(module.weight, module.bias)
-        self._live[slot.key] = slot
-        for param in self.params_of[slot.key]:
-            buffer = self.grad(param)
-            self.live_bytes += buffer.numel() * buffer.element_size()
-            if param.dtype == buffer.dtype:
-                param.grad = buffer
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-
-    def release_grads(self, params: Iterable[nn.Parameter]) -> None:
-        """Free the buffers of ``params``' modules (and their ``.grad`` aliases)."""
-        for param in params:
-            found = self._slot_of.get(param)
-            if found is None:
-                continue
-            slot = found[0]
-            for owned in self.params_of[slot.key]:
-                buffer = self.grad(owned)
-                if buffer is not None:
-                    self.live_bytes -= buffer.numel() * buffer.element_size()
-                if owned.grad is buffer:
-                    owned.grad = None
-            slot.release()
-            self._live.pop(slot.key, None)
-
-    def clear_grads(self) -> None:
-        self.release_grads([self.params_of[key][0] for key in list(self._live)])
+    def activate(self, params: Iterable[nn.Parameter]) -> None:
+        self._drop_arena()
+        super().activate(params)
 
     def deactivate(self, params: Iterable[nn.Parameter]) -> None:
         params = list(params)
         self.release_grads(params)
+        self._drop_arena()
         super().deactivate(params)
+
+    def _active_shapes(self) -> dict[str, tuple]:
+        """(weight, bias) shapes of the modules with a parameter requiring grad."""
+        return {name: tuple(None if p is None else p.shape for p in pair)
+                for name, pair in self._pairs.items() if any(p.requires_grad for p in self.params_of[name])}
+
+    def _allocate(self, slot: GradSlot) -> None:
+        """Give ``slot`` its fp32 buffers: arena views, or its own when the arena cannot."""
+        weight, bias = self._pairs[slot.key]
+        if self.arena is None:
+            self.arena = GradArena(self._active_shapes(), weight.device, self.shared)
+            self._count(self.arena.nbytes)
+        views = self.arena.take(slot.key) if slot.key in self.arena else None
+        if views is None:
+            slot.allocate(weight, bias)
+            self._count(sum(b.numel() * b.element_size() for b in self._buffers(slot.key)))
+        else:
+            slot.weight_buffer, slot.bias_buffer = views
+            self._in_arena.add(slot.key)
+        self._live[slot.key] = slot
+        for param, buffer in zip(self.params_of[slot.key], self._buffers(slot.key)):
+            if param.dtype == buffer.dtype:
+                param.grad = buffer
+
+    def _buffers(self, name: str) -> list[Tensor]:
+        return [self.grad(p) for p in self.params_of[name]]
+
+    def _count(self, nbytes: int) -> None:
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def release_grads(self, params: Iterable[nn.Parameter]) -> None:
+        """Give back the buffers of ``params``' modules (and clear their ``.grad`` aliases)."""
+        for param in params:
+            found = self._slot_of.get(param)
+            if found is None or found[0].key not in self._live:
+                continue
+            slot = self._live.pop(found[0].key)
+            buffers = self._buffers(slot.key)
+            for owned, buffer in zip(self.params_of[slot.key], buffers):
+                if owned.grad is buffer:
+                    owned.grad = None
+            slot.release()
+            if slot.key in self._in_arena:
+                self._in_arena.discard(slot.key)
+                self.arena.give_back(slot.key)
+            else:
+                self.live_bytes -= sum(b.numel() * b.element_size() for b in buffers if b is not None)
+
+    def _drop_arena(self) -> None:
+        """A new active set: the next backward builds its own arena (once nothing holds views)."""
+        if self.arena is not None and not self._in_arena:
+            self.live_bytes -= self.arena.nbytes
+            self.arena = None
+
+    def clear_grads(self) -> None:
+        self.release_grads([self.params_of[key][0] for key in list(self._live)])
 
     def reset_peak(self) -> None:
         """Start a new peak measurement of gradient-buffer bytes."""

@@ -6,14 +6,22 @@ Blocks are found from the model's own structure: the largest ``nn.ModuleList`` w
 children are all of one class and hold 2-D weights. A *sampling unit* is what Algorithm 2
 draws: a single module (``granularity="module"``) or all modules of one block
 (``granularity="layer"``, BAdam-like layer-wise BCD).
+
+In a mixture-of-experts block, each expert's matrix is a module of its own: its slice of a
+fused 3-D parameter (``model.layers.3.mlp.experts.gate_up_proj[5]``, see
+:mod:`misa_kernels.experts`), or its own ``nn.Linear`` in the per-expert layout; routers
+and shared experts are modules too. No matrix of a block is silently left out: one that
+fits none of these raises a ``ValueError`` naming it.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from torch import nn
+
+from .experts import ExpertSlices, expert_layout
 
 ModuleFilter = Callable[[str, nn.Module], bool]
 
@@ -85,40 +93,83 @@ def is_lora_model(model: nn.Module) -> bool:
     return any(is_lora_matrix(name, m) for name, m in model.named_modules())
 
 
-def discover_modules(model: nn.Module, module_filter: Optional[ModuleFilter] = None) -> list[Unit]:
-    """Every module of ``model`` as a :class:`Unit`, in model order.
+@dataclass
+class Discovery:
+    """The units of a model and the experts modules whose fused matrices they slice."""
 
-    Without ``module_filter``, the modules are the 2-D-weight submodules of the repeated
-    blocks. With it, every 2-D-weight submodule of the model for which
-    ``module_filter(qualified_name, submodule)`` is true is a module (its block index is
-    the block holding it, or the first integer in its name). Raises ``ValueError`` when nothing is found.
+    units: list[Unit]
+    experts: dict[str, ExpertSlices] = field(default_factory=dict)
+
+
+def _candidates(root: nn.Module, prefix: str, layer: Callable[[str], int], experts: dict[str, ExpertSlices]):
+    """``(unit, module)`` of every module under ``root``: 2-D-weight submodules, and one per
+    expert matrix of a fused experts module (recorded in ``experts``)."""
+    for sub_name, m in root.named_modules():
+        name = ".".join(part for part in (prefix, sub_name) if part)
+        layout = expert_layout(m)
+        if layout is not None:
+            slices = experts[name] = ExpertSlices.of(name, m, layout)
+            for key, (weight, bias) in slices.views.items():
+                yield Unit(key, layer(name), (key,), (weight,) if bias is None else (weight, bias)), m
+        elif _owns_matrix(m):
+            yield Unit(name, layer(name), (name,), _module_params(m)), m
+
+
+def _unplaced(blocks: nn.ModuleList, prefix: str, units: list[Unit], experts: dict[str, ExpertSlices]) -> list[str]:
+    """Trainable parameters of the blocks with two or more dimensions that no unit covers
+    (one that does not require grad is left out on purpose, by the model or the user)."""
+    placed = {id(p) for u in units for p in u.params} | {id(p) for e in experts.values() for p in e.fused}
+    return [f"{prefix}.{name} {list(p.shape)}" for name, p in blocks.named_parameters()
+            if p.dim() >= 2 and p.requires_grad and id(p) not in placed]
+
+
+def discover(model: nn.Module, module_filter: Optional[ModuleFilter] = None) -> Discovery:
+    """Every module of ``model`` as a :class:`Unit`, in model order, with the experts it slices.
+
+    Without ``module_filter``, the modules are the 2-D-weight submodules and the expert
+    matrices of the repeated blocks, and every block parameter with two or more dimensions
+    that requires grad must be one of them (``ValueError`` otherwise). With it, every such candidate of the
+    whole model for which ``module_filter(qualified_name, submodule)`` is true is a module
+    (an expert matrix is offered as ``(".../gate_up_proj[e]", experts_module)``; its block
+    index is the block holding it, or the first integer in its name), and everything else
+    stays frozen. Raises ``ValueError`` when nothing is found.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     found = find_block_list(model)
+    experts: dict[str, ExpertSlices] = {}
     if module_filter is not None:
         prefix = found[0] if found is not None else None
-        units = [
-            Unit(name, _layer_index(name, prefix), (name,), _module_params(m))
-            for name, m in model.named_modules()
-            if _owns_matrix(m) and module_filter(name, m)
-        ]
+        layer = lambda name: _layer_index(name, prefix)  # noqa: E731
+        units = [u for u, m in _candidates(model, "", layer, experts) if module_filter(u.name, m)]
         if not units:
             raise ValueError("module_filter selected no module with a 2-D weight in model")
-        return units
+        used = {n for u in units for n in u.module_names}
+        return Discovery(units, {k: e for k, e in experts.items() if any(v in used for v in e.views)})
     if found is None:
         raise ValueError(
             f"model ({type(model).__name__}): no repeated transformer blocks holding 2-D weights "
             "were found; pass module_filter=lambda name, module: ... to choose the modules"
         )
     prefix, blocks = found
-    units = []
-    for index, block in enumerate(blocks):
-        for sub_name, m in block.named_modules():
-            if _owns_matrix(m):
-                name = f"{prefix}.{index}.{sub_name}"
-                units.append(Unit(name, index, (name,), _module_params(m)))
-    return units
+    units = [u for index, block in enumerate(blocks)
+             for u, _ in _candidates(block, f"{prefix}.{index}", lambda _name, i=index: i, experts)]
+    unplaced = _unplaced(blocks, prefix, units, experts)
+    if unplaced:
+        raise ValueError(
+            f"model ({type(model).__name__}): MISA cannot place {len(unplaced)} block parameter(s) with two or more "
+            f"dimensions in a module: {', '.join(unplaced[:6])}{' ...' if len(unplaced) > 6 else ''}. Supported: "
+            "nn.Linear-like modules (a 2-D `weight`) and fused experts in transformers' layouts (see the README). "
+            "To leave a parameter out on purpose, call requires_grad_(False) on it before building MISA; to train "
+            "a chosen subset and keep the rest frozen, pass module_filter=lambda name, module: ... (it sees every "
+            "candidate module and expert matrix)"
+        )
+    return Discovery(units, experts)
+
+
+def discover_modules(model: nn.Module, module_filter: Optional[ModuleFilter] = None) -> list[Unit]:
+    """The units of :func:`discover` (each call makes new per-expert views)."""
+    return discover(model, module_filter).units
 
 
 def group_by_layer(modules: list[Unit]) -> list[Unit]:

@@ -88,7 +88,7 @@ def test_bf16_gradients_accumulate_in_fp32_outside_grad(device):
         _close(opt.gradient(p), q.grad, 2e-2)
     assert opt.memory_report()["gradients"] == 4 * sum(p.numel() for p in active)
     ref_opt.step(), opt.step()
-    assert opt.memory_report()["gradients"] == 0  # freed by the step
+    assert all(opt.gradient(p) is None for p in active)  # given back to the arena by the step
     for p, q in zip(active, ref_active):
         _close(p.detach(), q.detach(), 1e-2)
 
@@ -215,49 +215,60 @@ def test_weight_gradient_gemms_equal_the_active_modules(linear_ops, granularity)
     assert max(active) < len([m for u in opt.units for m in u.module_names])
 
 
-# ---------------------------------------------------------------------- step_in_backward
-def _track_buffer_bytes(monkeypatch) -> dict[str, int]:
-    """Live and peak bytes of GradSlot buffers, measured independently of MISA."""
-    bytes_of = lambda slot: sum(b.numel() * b.element_size()  # noqa: E731
-                                for b in (slot.weight_buffer, slot.bias_buffer) if b is not None)
-    tracked = {"live": 0, "peak": 0}
-    allocate, release = sl.GradSlot.allocate, sl.GradSlot.release
-
-    def tracked_allocate(slot, *args, **kwargs):
-        allocate(slot, *args, **kwargs)
-        tracked["live"] += bytes_of(slot)
-        tracked["peak"] = max(tracked["peak"], tracked["live"])
-
-    def tracked_release(slot):
-        tracked["live"] -= bytes_of(slot)
-        release(slot)
-
-    monkeypatch.setattr(sl.GradSlot, "allocate", tracked_allocate)
-    monkeypatch.setattr(sl.GradSlot, "release", tracked_release)
-    return tracked
+# ---------------------------------------------------------------------- gradient memory
+def _module_bytes(model: nn.Module, names: list[str]) -> list[int]:
+    return [4 * sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names]
 
 
 @pytest.mark.parametrize("path", ["sparse", "step_in_backward"])
-def test_peak_gradient_memory(monkeypatch, path):
-    """step_in_backward: at most the largest active module's gradient at any time; the
-    normal path holds the whole active set's."""
+def test_gradient_arena_is_fixed_for_an_inner_loop(path):
+    """One fp32 arena per active set: the whole set's gradients (step_in_backward: the
+    largest module's, reused by each module in turn), at the same address for every step of
+    the inner loop, zero between steps, and a new one after a switch."""
     model = _model("llama")
-    opt = _misa(model, path, delta=0.4)
-    tracked = _track_buffer_bytes(monkeypatch)
+    opt = _misa(model, path, delta=0.4, inner_steps=3, sweep=False)
+    backward = opt._backward
+    arenas = []
     for step in range(6):
-        tracked["peak"] = tracked["live"]
         opt.reset_peak_gradient_bytes()
         model(**random_batch(seed=step)).loss.backward()
-        module_bytes = [4 * sum(p.numel() for p in model.get_submodule(n).parameters()) for n in opt.active_modules]
-        assert len(module_bytes) >= 2
-        assert opt.peak_gradient_bytes == tracked["peak"]
-        if path == "step_in_backward":
-            assert tracked["peak"] <= max(module_bytes)
-            assert tracked["live"] == 0
-        else:
-            assert tracked["peak"] == tracked["live"] == sum(module_bytes)
+        arena = backward.arena
+        sizes = _module_bytes(model, opt.active_modules)
+        assert len(sizes) >= 2
+        expected = max(sizes) if path == "step_in_backward" else sum(sizes)
+        assert arena.nbytes == expected  # the tiny model's sizes need no alignment padding
+        assert opt.peak_gradient_bytes == backward.live_bytes == arena.nbytes
+        arenas.append(arena.flat.data_ptr())
+        active = _active_params(opt, model)
         opt.step(), opt.zero_grad()
-        assert tracked["live"] == 0
+        assert all(opt.gradient(p) is None for p in active)
+        assert not arena.flat.any()  # zeroed for the next backward
+        if opt.inner_step:  # held for the inner loop
+            assert backward.arena is arena and opt.memory_report()["gradients"] == arena.nbytes
+        else:  # a switch: the next backward builds the new set's
+            assert backward.arena is None and opt.memory_report()["gradients"] == 0
+    assert arenas[0] == arenas[1] == arenas[2] and arenas[3] == arenas[4] == arenas[5]
+
+
+def test_arena_views_are_disjoint_and_aligned():
+    from misa_kernels.grad_arena import ALIGN_ELEMENTS, GradArena
+    shapes = {"a": (torch.Size([3, 5]), torch.Size([3])), "b": (torch.Size([7]), None), "c": (torch.Size([0]), None)}
+    arena = GradArena(shapes, torch.device("cpu"))
+    views = {name: arena.take(name) for name in shapes}
+    flat = [v for vs in views.values() for v in vs if v is not None]
+    assert [tuple(v.shape) for v in flat] == [(3, 5), (3,), (7,), (0,)]
+    assert all(v.storage_offset() % ALIGN_ELEMENTS == 0 for v in flat)
+    for i, v in enumerate(flat):
+        v.fill_(i + 1.0)
+    assert [float(v.sum()) for v in flat] == [15.0, 6.0, 21.0, 0.0]  # nothing overlaps
+    arena.give_back("a")
+    assert not views["a"][0].any() and views["b"][0].eq(3.0).all()  # partial give-back zeroes its own
+    arena.give_back("b"), arena.give_back("c")
+    assert not arena.flat.any()
+    shared = GradArena(shapes, torch.device("cpu"), shared=True)
+    assert shared.take("a") is not None and shared.take("b") is None  # held by "a"
+    shared.give_back("a")
+    assert shared.take("b")[0].data_ptr() == shared.flat.data_ptr()
 
 
 def test_step_in_backward_refuses_accumulation_and_clipping():

@@ -2,11 +2,17 @@
 device cache.
 
 A table is built on the host from data pointers and copied to the device once: tables are
-cached by content, and the active set keeps its tensors for ``T`` steps, so a steady-state
-step copies nothing to the device.
+cached by content (least recently used out first), and within an inner loop the active
+set's tensors keep their addresses (the sparse backward's gradients live in a
+:class:`~misa_kernels.grad_arena.GradArena`), so a steady-state step builds nothing and
+copies nothing. A table that is new (a switch, or autograd's ``.grad`` re-allocated
+elsewhere) goes to the device through :class:`Staging`, a preallocated host buffer
+(pinned on CUDA) reused as a ring: the copy is asynchronous and allocates no pinned memory.
 """
 from __future__ import annotations
 
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
 import torch
@@ -14,26 +20,108 @@ from torch import Tensor
 
 from .triton_kernels import ALIGN
 
-TABLE_CACHE_SIZE = 32
+TABLE_CACHE_SIZE = 1024  # tables are a few hundred bytes; per-module steps in backward need one each
+STAGING_ELEMENTS = 1 << 16  # int64 entries of the initial staging ring (512 KiB)
 
-_table_cache: dict[tuple, Tensor] = {}
+
+@dataclass
+class TableStats:
+    """Host work for tables since the last :meth:`reset`: ``builds`` (cache misses),
+    ``copies`` (host-to-device copies), ``staging_allocations`` (staging buffers allocated,
+    pinned on CUDA) and ``waits`` (a ring region still being copied had to be waited for)."""
+
+    builds: int = 0
+    copies: int = 0
+    staging_allocations: int = 0
+    waits: int = 0
+
+    def reset(self) -> None:
+        self.builds = self.copies = self.staging_allocations = self.waits = 0
+
+
+stats = TableStats()
+
+
+class Staging:
+    """A host buffer for one device, used as a ring: each table is written into the next
+    free region and copied to the device asynchronously; a region is written again only
+    once the copy that read it has finished (a CUDA event, normally long done)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffer: Optional[Tensor] = None
+        self.offset = 0
+        self._pending: deque = deque()  # (start, end, event) of copies in flight, oldest first
+
+    def to_device(self, rows: list[tuple[int, ...]]) -> Tensor:
+        """``rows`` as a new int64 device tensor, copied through the ring."""
+        host = torch.tensor(rows, dtype=torch.int64)
+        n = host.numel()
+        start = self._region(n)
+        self.buffer[start:start + n].copy_(host.view(-1))
+        table = torch.empty(host.shape, dtype=torch.int64, device=self.device)
+        table.view(-1).copy_(self.buffer[start:start + n], non_blocking=True)
+        stats.copies += 1
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((start, start + n, event))
+        self.offset = start + n
+        return table
+
+    def _region(self, n: int) -> int:
+        """The start of ``n`` free entries, growing the ring if it is too small."""
+        if self.buffer is None or n > self.buffer.numel():
+            self._allocate(max(STAGING_ELEMENTS, 2 * n))
+            return 0
+        start = self.offset if self.offset + n <= self.buffer.numel() else 0
+        self._wait_for(start, start + n)
+        return start
+
+    def _allocate(self, elements: int) -> None:
+        # The pinned-memory allocator keeps an old block until copies reading it finish.
+        self.buffer = torch.empty(elements, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        self.offset, self._pending = 0, deque()
+        stats.staging_allocations += 1
+
+    def _wait_for(self, start: int, end: int) -> None:
+        still = deque()
+        for begin, finish, event in self._pending:
+            if event.query():
+                continue
+            if begin < end and start < finish:
+                event.synchronize()
+                stats.waits += 1
+            else:
+                still.append((begin, finish, event))
+        self._pending = still
+
+
+_table_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+_staging: dict[torch.device, Staging] = {}
 
 
 def device_table(rows: list[tuple[int, ...]], device: torch.device) -> Tensor:
-    """The rows as an int64 device tensor, copied asynchronously and cached by content."""
+    """The rows as an int64 device tensor, cached by content."""
     key = (device, tuple(rows))
     table = _table_cache.get(key)
-    if table is None:
-        host = torch.tensor(rows, dtype=torch.int64)
-        if device.type == "cuda":
-            # Pinned + non_blocking: no host synchronisation for the copy.
-            table = host.pin_memory().to(device, non_blocking=True)
-        else:
-            table = host.to(device)
-        if len(_table_cache) >= TABLE_CACHE_SIZE:
-            _table_cache.pop(next(iter(_table_cache)))
-        _table_cache[key] = table
+    if table is not None:
+        _table_cache.move_to_end(key)
+        return table
+    stats.builds += 1
+    staging = _staging.get(device)
+    if staging is None:
+        staging = _staging[device] = Staging(device)
+    table = _table_cache[key] = staging.to_device(rows)
+    if len(_table_cache) > TABLE_CACHE_SIZE:
+        _table_cache.popitem(last=False)
     return table
+
+
+def clear_cache() -> None:
+    """Forget every cached table and staging ring."""
+    _table_cache.clear()
+    _staging.clear()
 
 
 def n_iters(n_rows: int) -> int:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .. import distributed
 from ..backward import AutogradBackward, SparseBackward
 from ..distributed import GradSync, local, track_arrivals
+from ..experts import route_experts
 from ..integrations.checkpointing import attach_input_grad_hooks
 from ..modules import ModuleFilter, find_block_list
 from ..ops.backend import resolve_backend
@@ -173,8 +174,8 @@ class MISA(MISAViews, torch.optim.Optimizer):
         self._sampler = Sampler([u.numel for u in self.units], self.budget, strategy=self.strategy, eta=self.eta,
                                 max_logit=self.max_logit, inner_steps=self.inner_steps, sweep=self.sweep,
                                 sweep_steps=self.sweep_steps, seed=seed)
-        self._backward = (model_setup.sparse_backward(model, self.units, step_in_backward, self._on_module_grad)
-                          if sparse else AutogradBackward())
+        self._backward = (model_setup.sparse_backward(model, self.units, found.experts, step_in_backward,
+                                                      self._on_module_grad) if sparse else AutogradBackward())
         self._sync = GradSync(model, self._synced_params, self._backward.grad, self._backward.ensure_grad,
                               self._record_synced, sharded)
         records = NormRecords(len(found.unit_params), self._norm_dtype, device)
@@ -190,7 +191,8 @@ class MISA(MISAViews, torch.optim.Optimizer):
         self._active, self._active_layers = self._sets.build([]), set()
         if sharded:
             distributed.lazy_init_fsdp2(model)
-        self._handles = self._freeze_and_hook(model, found)
+        self._handles = [route_experts(found.experts, getattr(self._backward, "slots", None))]
+        self._handles += self._freeze_and_hook(model, found)
         self._store.allocate(self._dense.params)
         self._draw()
 
@@ -208,7 +210,7 @@ class MISA(MISAViews, torch.optim.Optimizer):
         # FSDP2 assigns the sharded .grad without accumulating it, so no hook would fire:
         # the norms are taken when the sync hands the gradients over.
         handles = [] if self._sync.sharded else self._source.hook(found.unit_params)
-        self._backward.deactivate(found.all_params)
+        self._backward.deactivate(found.unit_params + found.all_params)  # expert views are not model params
         self._backward.activate(self._dense.params)
         if not self._sync.sharded:
             handles += track_arrivals(self._dense.params, self._sync)

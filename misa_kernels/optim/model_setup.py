@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..backward import SparseBackward
-from ..modules import ModuleFilter, Unit, discover_modules, group_by_layer, is_lora_matrix, is_lora_model
+from ..experts import ExpertSlices
+from ..modules import ModuleFilter, Unit, discover, group_by_layer, is_lora_matrix, is_lora_model
 from ..ops.linear_ops import low_precision_gemm_note
 from ..ops.sparse_linear import is_routable
 
@@ -23,8 +24,9 @@ class TrainedParameters:
     units: list[Unit]
     unit_params: list[nn.Parameter]
     dense: list[nn.Parameter]  # mode="pretrain": embeddings, lm_head, norms
-    all_params: list[nn.Parameter]
+    all_params: list[nn.Parameter]  # the model's own (fused experts included, not their views)
     lora: bool  # a PEFT LoRA model: the units are its A and B matrices (paper B.2)
+    experts: dict[str, ExpertSlices]  # experts modules whose matrices are sliced into units
 
     @property
     def budget_params(self) -> int:
@@ -43,19 +45,19 @@ def unique_params(model: nn.Module) -> list[nn.Parameter]:
 
 def trained_parameters(model: nn.Module, module_filter: Optional[ModuleFilter], granularity: str,
                        mode: str) -> TrainedParameters:
-    """Find the units of ``model`` (see :func:`~misa_kernels.modules.discover_modules`)."""
+    """Find the units of ``model`` (see :func:`~misa_kernels.modules.discover`)."""
     lora = module_filter is None and isinstance(model, nn.Module) and is_lora_model(model)
     if lora and mode == "pretrain":
         raise ValueError("mode='pretrain' trains the base weights densely; a LoRA model needs mode='finetune'")
-    modules = discover_modules(model, is_lora_matrix if lora else module_filter)
-    units = modules if granularity == "module" else group_by_layer(modules)
+    found = discover(model, is_lora_matrix if lora else module_filter)
+    units = found.units if granularity == "module" else group_by_layer(found.units)
     unit_params = [p for u in units for p in u.params]
     if len({id(p) for p in unit_params}) != len(unit_params):
         raise ValueError("model: a parameter belongs to two modules (shared weights are not supported)")
     all_params = unique_params(model)
-    in_units = {id(p) for p in unit_params}
+    in_units = {id(p) for p in unit_params} | {id(p) for e in found.experts.values() for p in e.fused}
     dense = [p for p in all_params if id(p) not in in_units] if mode == "pretrain" else []
-    return TrainedParameters(units, unit_params, dense, all_params, lora)
+    return TrainedParameters(units, unit_params, dense, all_params, lora, found.experts)
 
 
 def param_groups(unit_params: list[nn.Parameter], dense: list[nn.Parameter], weight_decay: float) -> list[dict]:
@@ -77,18 +79,23 @@ def common_device(params: list[nn.Parameter]) -> torch.device:
     return devices.pop()
 
 
-def sparse_backward(model: nn.Module, units: list[Unit], step_in_backward: bool,
+def sparse_backward(model: nn.Module, units: list[Unit], experts: dict[str, ExpertSlices], step_in_backward: bool,
                     on_grad_ready: Callable[[str], None]) -> SparseBackward:
     """The modules' Linear/Conv1D layers routed through the sparse backward (the ones that
-    cannot be routed keep autograd, unless ``step_in_backward`` needs them all)."""
-    modules = {name: model.get_submodule(name) for u in units for name in u.module_names}
+    cannot be routed keep autograd, unless ``step_in_backward`` needs them all), and the
+    expert matrices' slots."""
+    slices = {key: pair for e in experts.values() for key, pair in e.views.items()}
+    modules = {name: model.get_submodule(name) for u in units for name in u.module_names if name not in slices}
     unsupported = sorted(name for name, m in modules.items() if not is_routable(m))
     if unsupported and step_in_backward:
         raise ValueError(f"step_in_backward=True needs every module to be an nn.Linear or Conv1D with its "
                          f"own forward; these are not: {unsupported[:5]}")
     routed = {n: m for n, m in modules.items() if n not in unsupported}
-    notes = {low_precision_gemm_note(m.weight.device, m.weight.dtype) for m in routed.values()} - {None}
+    weights = [m.weight for m in routed.values()] + [w for w, _ in slices.values()]
+    notes = {low_precision_gemm_note(w.device, w.dtype) for w in weights} - {None}
     for note in notes:
         warnings.warn(f"sparse_backward: {note}; upgrade torch to avoid those temporaries", RuntimeWarning,
                       stacklevel=4)
-    return SparseBackward(routed, on_grad_ready)
+    used = {name for u in units for name in u.module_names}
+    return SparseBackward(routed, on_grad_ready, shared=step_in_backward,
+                          slices={k: v for k, v in slices.items() if k in used})

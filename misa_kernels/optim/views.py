@@ -59,7 +59,9 @@ class MISAViews:
 
     def memory_report(self) -> dict[str, int]:
         """Bytes held for training, right from the activation of a set: fp32 master weights,
-        moments ``m, v`` and gradients of the modules (frozen ones hold none), the same of
+        moments ``m, v`` and gradients of the modules (frozen ones hold none; with
+        ``sparse_backward`` the gradient arena, held from the first backward of an inner
+        loop to the switch), the same of
         the dense parameters of ``mode="pretrain"`` (``dense_*``, outside ``delta``), the
         per-tensor step counts and the score buffers."""
         unit_params = self._sets.params
@@ -73,7 +75,10 @@ class MISAViews:
         return report
 
     def _gradient_bytes(self, params) -> int:
-        return sum(nbytes(local(self._backward.grad(p))) for p in params)
+        """``.grad`` bytes of ``params``, plus the sparse backward's buffers when they are routed."""
+        routed = [p for p in params if self._backward.routes(p)]
+        held = self._backward.live_bytes if routed else 0
+        return held + sum(nbytes(local(self._backward.grad(p))) for p in params if not self._backward.routes(p))
 
     @property
     def peak_state_bytes(self) -> int:
