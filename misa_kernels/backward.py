@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .grad_arena import GradArena
-from .ops.sparse_linear import GradSlot, route_linears
+from .ops.sparse_linear import GradSlot, route_custom_linears, route_linears
 
 Pair = tuple[nn.Parameter, Optional[nn.Parameter]]  # a module's (weight, bias)
 
@@ -87,7 +87,9 @@ class AutogradBackward:
 class SparseBackward(AutogradBackward):
     """Module Linear layers routed through :func:`~misa_kernels.ops.sparse_linear.route_linears`.
 
-    ``modules`` maps names to ``nn.Linear``/``Conv1D`` modules, ``slices`` names to the
+    ``modules`` maps names to ``nn.Linear``/``Conv1D`` modules, ``custom`` to modules whose
+    own forward calls ``F.linear`` on their 2-D weight (MoE routers, see
+    :func:`~misa_kernels.ops.sparse_linear.route_custom_linears`), ``slices`` to the
     ``(weight, bias)`` views of expert matrices (routed by
     :func:`~misa_kernels.experts.route_experts` through ``slots``); their weights' (and
     biases') gradients live in fp32 :class:`GradSlot` buffers: views of a :class:`GradArena` built
@@ -104,11 +106,13 @@ class SparseBackward(AutogradBackward):
     name = "sparse"
 
     def __init__(self, modules: Mapping[str, nn.Module], on_grad_ready: Callable[[str], None],
-                 shared: bool = False, slices: Mapping[str, Pair] = {}):
-        self._routing = route_linears(dict(modules))
-        self._pairs: dict[str, Pair] = {name: (m.weight, m.bias) for name, m in modules.items()}
+                 shared: bool = False, slices: Mapping[str, Pair] = {}, custom: Mapping[str, nn.Module] = {}):
+        self._pairs: dict[str, Pair] = {name: (m.weight, getattr(m, "bias", None))
+                                        for name, m in {**modules, **custom}.items()}
         self._pairs.update(slices)
-        self.slots: dict[str, GradSlot] = {**self._routing.slots, **{key: GradSlot(key) for key in slices}}
+        self.slots: dict[str, GradSlot] = {key: GradSlot(key) for key in self._pairs}
+        self._routings = [route_linears(dict(modules), {k: self.slots[k] for k in modules}),
+                          route_custom_linears(custom, {k: self.slots[k] for k in custom})]
         self.params_of: dict[str, tuple[nn.Parameter, ...]] = {}
         self._slot_of: dict[nn.Parameter, tuple[GradSlot, str]] = {}
         for name, (weight, bias) in self._pairs.items():
@@ -219,4 +223,5 @@ class SparseBackward(AutogradBackward):
     def detach(self) -> None:
         """Free every buffer and give each routed module back its class's forward."""
         self.clear_grads()
-        self._routing.remove()
+        for routing in self._routings:
+            routing.remove()

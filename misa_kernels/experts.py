@@ -87,7 +87,9 @@ class ExpertSlices:
             for tensor in fused:
                 slices._storages[_attr_name(tensor, module)] = tensor.untyped_storage().data_ptr()
             for e in range(fused[0].shape[0]):
-                pieces = [nn.Parameter(t.detach()[e], requires_grad=False) for t in fused]
+                # ``.data`` anew per expert: each view gets a version counter of its own, so
+                # updating one expert (in backward) does not invalidate another's saved weight.
+                pieces = [nn.Parameter(t.data[e], requires_grad=False) for t in fused]
                 slices.views[slice_name(name, matrix, e)] = (pieces[0], pieces[1] if bias else None)
         return slices
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
 
 from .linear_ops import (  # noqa: F401  (re-exported: the ops are part of this module's API)
     ENV_NO_EXT, check_fp32, rows, linear_input_grad, linear_weight_grad, linear_weight_grad_accumulate_,
@@ -48,6 +49,7 @@ __all__ = [
     "is_routable",
     "native_available",
     "reset_weight_grad_gemm_count",
+    "route_custom_linears",
     "route_linears",
     "sparse_linear",
     "weight_grad_gemm_count",
@@ -235,6 +237,61 @@ class _RoutedForward:
 
 def _builds_graph(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     return x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+
+
+class _WeightLinears(TorchFunctionMode):
+    """Sends ``F.linear(x, module.weight[, module.bias])`` calls through the sparse backward."""
+
+    def __init__(self, module: nn.Module, slot: GradSlot):
+        super().__init__()
+        self.weight, self.bias, self.slot, self.seen = module.weight, getattr(module, "bias", None), slot, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and args[1] is self.weight:
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if bias is None or bias is self.bias:
+                self.seen = True
+                return sparse_linear(args[0], self.weight, bias, self.slot)
+        return func(*args, **kwargs)
+
+
+class _RoutedCustomForward:
+    """The instance-level ``forward`` of a module with a 2-D ``weight`` and a forward of its
+    own (a MoE router): its class's forward runs with its ``F.linear`` on the weight routed."""
+
+    __slots__ = ("module_ref", "name", "slot")
+
+    def __init__(self, name: str, module: nn.Module, slot: GradSlot):
+        self.name, self.slot, self.module_ref = name, slot, weakref.ref(module)
+
+    def __call__(self, *args, **kwargs):
+        module = self.module_ref()
+        if not (module.training and torch.is_grad_enabled()):
+            return type(module).forward(module, *args, **kwargs)
+        calls = _WeightLinears(module, self.slot)
+        with calls:
+            out = type(module).forward(module, *args, **kwargs)
+        if module.weight.requires_grad and not calls.seen:
+            raise RuntimeError(f"{self.name}: its forward does not call F.linear on its weight, so the sparse backward "
+                               "cannot route it; leave it out with module_filter, or use step_in_backward=False")
+        return out
+
+    def __repr__(self) -> str:
+        return f"<misa sparse-linear forward (F.linear calls) for {self.slot.key!r}>"
+
+
+def route_custom_linears(modules: Mapping[str, nn.Module], slots: Mapping[str, GradSlot]) -> LinearRouting:
+    """Like :func:`route_linears`, for modules with a 2-D ``weight`` whose own forward calls
+    ``F.linear`` on it (MoE routers): every such call goes through
+    :class:`SparseLinearFunction`; a training forward that makes none raises."""
+    routers = {}
+    for name, module in modules.items():
+        if "forward" in module.__dict__:
+            raise TypeError(f"{name}: already has an instance-level forward ({module.__dict__['forward']!r})")
+        routers[name] = _RoutedCustomForward(name, module, slots[name])
+        module.__dict__["forward"] = routers[name]
+    return LinearRouting(dict(modules), routers, dict(slots))
 
 
 class LinearRouting:

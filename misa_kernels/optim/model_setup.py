@@ -79,23 +79,32 @@ def common_device(params: list[nn.Parameter]) -> torch.device:
     return devices.pop()
 
 
+def _calls_linear(module: nn.Module) -> bool:
+    """A module of a model's own (not a torch.nn layer such as Embedding) with a 2-D weight,
+    whose forward may call ``F.linear`` on it (checked when it runs)."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() == 2 and not type(module).__module__.startswith("torch.nn")
+
+
 def sparse_backward(model: nn.Module, units: list[Unit], experts: dict[str, ExpertSlices], step_in_backward: bool,
                     on_grad_ready: Callable[[str], None]) -> SparseBackward:
-    """The modules' Linear/Conv1D layers routed through the sparse backward (the ones that
-    cannot be routed keep autograd, unless ``step_in_backward`` needs them all), and the
-    expert matrices' slots."""
-    slices = {key: pair for e in experts.values() for key, pair in e.views.items()}
-    modules = {name: model.get_submodule(name) for u in units for name in u.module_names if name not in slices}
-    unsupported = sorted(name for name, m in modules.items() if not is_routable(m))
+    """The modules' Linear/Conv1D layers and expert matrices routed through the sparse
+    backward. Other modules with a 2-D weight (MoE routers) keep autograd, unless
+    ``step_in_backward`` needs them routed: then their ``F.linear`` calls on the weight are."""
+    used = [name for u in units for name in u.module_names]
+    views = {key: pair for e in experts.values() for key, pair in e.views.items()}
+    slices = {name: views[name] for name in used if name in views}
+    modules = {name: model.get_submodule(name) for name in used if name not in slices}
+    custom = {name: m for name, m in modules.items() if not is_routable(m)}
+    unsupported = sorted(name for name, m in custom.items() if not _calls_linear(m))
     if unsupported and step_in_backward:
-        raise ValueError(f"step_in_backward=True needs every module to be an nn.Linear or Conv1D with its "
-                         f"own forward; these are not: {unsupported[:5]}")
-    routed = {n: m for n, m in modules.items() if n not in unsupported}
+        raise ValueError(f"step_in_backward=True needs every module to be an nn.Linear, a Conv1D or a module "
+                         f"calling F.linear on its 2-D weight; these are not: {unsupported[:5]}")
+    routed = {n: m for n, m in modules.items() if n not in custom}
     weights = [m.weight for m in routed.values()] + [w for w, _ in slices.values()]
     notes = {low_precision_gemm_note(w.device, w.dtype) for w in weights} - {None}
     for note in notes:
         warnings.warn(f"sparse_backward: {note}; upgrade torch to avoid those temporaries", RuntimeWarning,
                       stacklevel=4)
-    used = {name for u in units for name in u.module_names}
-    return SparseBackward(routed, on_grad_ready, shared=step_in_backward,
-                          slices={k: v for k, v in slices.items() if k in used})
+    return SparseBackward(routed, on_grad_ready, shared=step_in_backward, slices=slices,
+                          custom=custom if step_in_backward else {})
