@@ -2,7 +2,8 @@ r"""Training-memory estimator: will MISA, LoRA, layer-wise BCD or full AdamW fit
 
 :func:`estimate_memory` implements the memory model of the paper's Appendix E (parameters,
 gradients, optimizer states, intermediate activations) for the decoder-only
-Hugging Face architectures MISA targets (LLaMA, Mistral, Qwen2: grouped-query attention
+Hugging Face architectures MISA targets (LLaMA, Mistral, Qwen2, and the mixture-of-experts
+Mixtral and Qwen2-MoE: grouped-query attention
 with ``a`` query and ``a_kv`` key/value heads of size ``d``, RMSNorm, and the gated SwiGLU
 MLP of intermediate size ``I``) and answers "will it fit" for a config::
 
@@ -79,6 +80,23 @@ upcasts the logits) and the targets; RoPE's ``cos, sin`` add ``2 s d p`` once.
   normalised inputs ``N h p`` and the lm_head its input ``N h p``. ``trainable_params``
   counts them and ``details["dense_params"]`` says how many.
 
+**Mixture of experts** (Mixtral, Qwen2-MoE configs): a MoE block has ``E`` experts of
+width ``I_e`` (``gate_up [2 I_e, h]``, ``down [h, I_e]``), a router ``[E, h]``, top-``k``
+routing and, in Qwen2-MoE, a shared SwiGLU expert with a sigmoid gate; Qwen2-MoE's
+``mlp_only_layers``/``decoder_sparse_step`` blocks stay dense. MISA's modules there are the
+attention's four, the router, each expert's two matrices (``gate_up[e]``, ``down[e]``:
+names as ``model.layers.3.mlp.experts.gate_up_proj[5]``) and the shared expert's. Routed
+activations assume balanced routing (``N k / E`` tokens per expert): the router saves its
+fp32 probabilities (``4 N E``) and top-``k`` indices, every (token, expert) pair that a
+gradient flows through its SwiGLU intermediates ``3 I_e p``, its routing weight and, for
+the router's gradient, its output ``h p``; an active expert adds its gathered input (``h p``
+per pair, ``gate_up``) or ``I_e p`` (``down``). MISA runs its per-expert forward (a token
+index and ``index_add_``'s source per pair); AdamW, LoRA and BAdam run transformers'
+default ``grouped_mm`` (three int64 indices per pair, the sorted input once if the experts
+train). LoRA on a MoE config adapts the ``nn.Linear`` modules: attention, dense MLPs and
+shared experts (peft's ``all-linear`` also wraps the fused experts and the router; not
+modelled).
+
 **Weights** are all parameters in ``dtype`` (LoRA adapters in ``lora_dtype``).
 **Gradients**: in the parameter's dtype for autograd (``.grad``); MISA's
 ``sparse_backward`` keeps fp32 buffers for the active modules, and ``step_in_backward``
@@ -99,7 +117,8 @@ allocator slack (often 0.5-1 GiB), so keep some headroom. With ``gradient_checkp
 layer's activations are rebuilt during backward: that block is added to ``transient``.
 
 Checked on CPU (``tests/test_estimate.py``): saved activations, optimizer states and
-gradients agree with measurements on tiny LLaMA, Qwen2 and Mistral models (fp32 and bf16,
+gradients agree with measurements on tiny LLaMA, Qwen2, Mistral, Mixtral and Qwen2-MoE
+models (fp32 and bf16,
 eager and sdpa, full AdamW, peft LoRA, BAdam-style layers, MISA's own active sets in both
 modes, gradient checkpointing). Not yet compared with a CUDA peak: ``bench/bench_memory.py``
 records ``torch.cuda.max_memory_allocated`` beside the same parts on a GPU; compare

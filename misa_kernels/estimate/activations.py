@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from .shapes import ModelShape
+from .shapes import SHARED_KINDS, ModelShape
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -23,6 +23,7 @@ class _Run:
     act: str  # activation dtype (= weight dtype)
     lora_dtype: str
     lora_rank: int
+    per_expert: bool = False  # MoE blocks run MISA's per-expert forward (else transformers' grouped_mm)
 
     @property
     def tokens(self) -> int:
@@ -88,8 +89,9 @@ def _attention_core(run: _Run, q_grad: bool, k_grad: bool, v_grad: bool) -> int:
     return saved
 
 
-def _layer(run: _Run, spec: LayerSpec, x_grad: bool) -> tuple[int, bool, bool]:
-    """Saved bytes of one decoder block whose input requires grad iff ``x_grad``.
+def _layer(run: _Run, spec: LayerSpec, x_grad: bool, moe: bool = False) -> tuple[int, bool, bool]:
+    """Saved bytes of one decoder block (``moe``: with a MoE MLP) whose input requires grad
+    iff ``x_grad``.
 
     Returns ``(bytes, output requires grad, RoPE tables saved)``."""
     shape, t = run.shape, spec.trainable
@@ -102,13 +104,76 @@ def _layer(run: _Run, spec: LayerSpec, x_grad: bool) -> tuple[int, bool, bool]:
     saved += _linear_inputs(run, spec, ("o",), shape.q_width, already_saved=fused_output)
     x2_grad = x_grad or attn_grad or "o" in t or "o" in spec.lora
     norm2, z2_grad = _norm(run, x2_grad, "post_norm" in t)
-    saved += norm2 + _linear_inputs(run, spec, ("gate", "up"), shape.hidden)
-    gate_grad, up_grad = (z2_grad or k in t or k in spec.lora for k in ("gate", "up"))
-    n_i_p = run.tokens * shape.intermediate * run.p
-    saved += n_i_p * (2 * gate_grad + up_grad)  # act(gate) input and up output; act(gate) output
-    saved += _linear_inputs(run, spec, ("down",), shape.intermediate)
-    mlp_grad = gate_grad or up_grad or "down" in t or "down" in spec.lora
-    return saved, x2_grad or mlp_grad, q_grad or k_grad
+    mlp_saved, mlp_grad = (_moe_mlp if moe else _swiglu)(run, spec, z2_grad)
+    return saved + norm2 + mlp_saved, x2_grad or mlp_grad, q_grad or k_grad
+
+
+def _swiglu(run: _Run, spec: LayerSpec, z_grad: bool, kinds: Sequence[str] = ("gate", "up", "down"),
+            width: Optional[int] = None, input_saved: bool = False) -> tuple[int, bool]:
+    """A gated MLP ``down(act(gate z) * up z)`` on an input that requires grad iff ``z_grad``:
+    saved bytes, and whether its output requires grad."""
+    t, (gate, up, down) = spec.trainable, kinds
+    width = run.shape.intermediate if width is None else width
+    saved = _linear_inputs(run, spec, (gate, up), run.shape.hidden, already_saved=input_saved)
+    gate_grad, up_grad = (z_grad or k in t or k in spec.lora for k in (gate, up))
+    saved += run.tokens * width * run.p * (2 * gate_grad + up_grad)  # act(gate) input, up out; act(gate) out
+    saved += _linear_inputs(run, spec, (down,), width)
+    return saved, gate_grad or up_grad or down in t or down in spec.lora
+
+
+def _expert_pairs(run: _Run, spec: LayerSpec, z_grad: bool, weights_grad: bool) -> tuple[int, bool]:
+    """The experts' saved bytes, and whether their output requires grad.
+
+    MISA's per-expert forward (``run.per_expert``) gathers each expert's tokens (an int64
+    index per pair) and adds its weighted output back with ``index_add_``, which keeps that
+    output; transformers' ``grouped_mm`` sorts the pairs once (three int64 indices per pair,
+    ``E`` int32 offsets) and runs the fused tensors, whose input is kept if any expert trains."""
+    shape, t, p = run.shape, spec.trainable, run.p
+    h, width, pairs = shape.hidden, shape.expert_intermediate, run.tokens * shape.top_k
+    share = pairs / shape.experts
+    grouped_input = any(f"gate_up[{e}]" in t for e in range(shape.experts))
+    saved = 8 * pairs if run.per_expert and weights_grad else 0  # the sort order, indexing the weights
+    out_grad = weights_grad
+    for e in range(shape.experts):
+        gate_up, down = f"gate_up[{e}]" in t, f"down[{e}]" in t
+        hidden_grad = z_grad or gate_up
+        y_grad = hidden_grad or down
+        if not (y_grad or weights_grad):
+            continue
+        out_grad = True
+        per_pair = 3 * width * p * hidden_grad + width * p * down + p * y_grad + h * p * weights_grad
+        if run.per_expert:
+            per_pair += 8 + h * p + h * p * gate_up  # token index, index_add_'s source, gathered input
+        else:
+            per_pair += 24 + h * p * grouped_input
+        saved += round(share * per_pair)
+    if out_grad and not run.per_expert:
+        saved += 4 * shape.experts
+    return saved, out_grad
+
+
+def _moe_mlp(run: _Run, spec: LayerSpec, z_grad: bool) -> tuple[int, bool]:
+    """A MoE block on ``z`` (``N x h``): the router (fp32 softmax over ``E``, top-``k``),
+    then the ``N k`` (token, expert) pairs, ``N k / E`` per expert (routing assumed
+    balanced), each saving its input, SwiGLU intermediates, routing weight and weighted
+    output as the gradients need (:func:`_expert_pairs`); plus a shared expert."""
+    shape, t, n, p = run.shape, spec.trainable, run.tokens, run.p
+    h, pairs = shape.hidden, n * shape.top_k
+    z_read = "router" in t or any(k in t or k in spec.lora for k in SHARED_KINDS)
+    saved = n * h * p if z_read else 0  # z, once, for the weights reading it directly
+    weights_grad = z_grad or "router" in t
+    if weights_grad:  # softmax probabilities, top-k indices, the renormalisation's operands
+        saved += 4 * n * shape.experts + 8 * pairs + 4 * n + 4 * pairs
+    experts, out_grad = _expert_pairs(run, spec, z_grad, weights_grad)
+    saved += experts
+    if shape.shared_intermediate:
+        shared, shared_grad = _swiglu(run, spec, z_grad, SHARED_KINDS[:3], shape.shared_intermediate, input_saved=z_read)
+        gate_grad = z_grad or "shared_expert_gate" in t
+        # sigmoid(gate z) * shared(z): the sigmoid's output (its own backward and the product's),
+        # the shared output for the gate's gradient
+        saved += shared + (n * p if gate_grad or shared_grad else 0) + (n * h * p if gate_grad else 0)
+        out_grad = out_grad or shared_grad or gate_grad
+    return saved, out_grad
 
 
 @dataclass(frozen=True)
@@ -134,8 +199,8 @@ def forward_saved(run: _Run, layers: Sequence[LayerSpec], embedding_trains: bool
     n, shape = run.tokens, run.shape
     grad = embedding_trains if input_grad is None else input_grad
     blocks, rope = [], False
-    for spec in layers:
-        saved, grad, rope_used = _layer(run, spec, grad)
+    for layer, spec in enumerate(layers):
+        saved, grad, rope_used = _layer(run, spec, grad, shape.is_moe(layer))
         blocks.append(saved)
         rope = rope or rope_used
     final, grad = _norm(run, grad, final_norm_trains)

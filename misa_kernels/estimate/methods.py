@@ -9,8 +9,8 @@ from typing import Any, Optional, Sequence, Union
 
 from .active_sets import ModuleRef, _drawn_active_sets, _parse_module, _specs, _StateCost, _worst_active_set
 from .activations import DTYPE_BYTES, LayerSpec, _activations, _Run
-from .shapes import (KINDS, NORMS, ConfigLike, dense_numel, layer_numel, lora_numel, model_shape, module_numel,
-                     parameter_count)
+from .shapes import (NORMS, ConfigLike, dense_numel, layer_kinds, layer_numel, lora_numel, lora_targets, model_shape,
+                     module_numel, parameter_count)
 from .units import GIB, parse_bytes
 
 METHODS = ("adamw", "lora", "layerwise", "misa")
@@ -155,7 +155,7 @@ def estimate_memory(
     shape = model_shape(config, attn_implementation)
     _check(batch, seq, delta, method, placement, lora_rank, layers_active, shape.layers, draws, mode)
     act = _dtype_name(dtype, "dtype")
-    run = _Run(shape, batch, seq, act, _dtype_name(lora_dtype, "lora_dtype"), lora_rank)
+    run = _Run(shape, batch, seq, act, _dtype_name(lora_dtype, "lora_dtype"), lora_rank, per_expert=method == "misa")
     master = (True if master_weights is None else bool(master_weights)) and DTYPE_BYTES[act] < 4
     n_params = parameter_count(shape)
     common = dict(run=run, master=master, n_params=n_params, checkpointing=gradient_checkpointing)
@@ -166,9 +166,14 @@ def estimate_memory(
     sparse = sparse_backward or step_in_backward
     if method == "layerwise":
         return _layerwise(layers_active=layers_active, placement=placement, **common)
-    refs = None if active_modules is None else [_parse_module(m, shape.layers) for m in active_modules]
+    refs = None if active_modules is None else [_parse_module(m, shape) for m in active_modules]
     return _misa(delta=delta, placement=placement, active=refs, sparse=sparse, step_in_backward=step_in_backward,
                  draws=draws, seed=seed, pretrain=mode == "pretrain", **common)
+
+
+def _every(shape) -> list[LayerSpec]:
+    """Every module and norm of every block trains."""
+    return [LayerSpec(trainable=frozenset(layer_kinds(shape, l) + NORMS)) for l in range(shape.layers)]
 
 
 def _state_cost(run: _Run, master: bool, grad_bytes: Optional[int] = None) -> _StateCost:
@@ -181,8 +186,7 @@ def _state_cost(run: _Run, master: bool, grad_bytes: Optional[int] = None) -> _S
 def _adamw(run: _Run, master: bool, n_params: int, checkpointing: bool) -> MemoryEstimate:
     """Full fine-tuning: every parameter trains."""
     p = DTYPE_BYTES[run.act]
-    every = LayerSpec(trainable=frozenset(KINDS + NORMS))
-    saved, transient = _activations(run, [every] * run.shape.layers, checkpointing, embedding_trains=True,
+    saved, transient = _activations(run, _every(run.shape), checkpointing, embedding_trains=True,
                                     head_trains=True, final_norm_trains=True)
     moments = 8 if master or p == 4 else 2 * p
     return MemoryEstimate("adamw", weights=n_params * p, gradients=n_params * p,
@@ -195,8 +199,8 @@ def _lora(run: _Run, master: bool, n_params: int, checkpointing: bool) -> Memory
     """LoRA on every block Linear; adapters in ``lora_dtype``, AdamW states for them."""
     lora_p = DTYPE_BYTES[run.lora_dtype]
     adapters = lora_numel(run.shape, run.lora_rank)
-    spec = LayerSpec(lora=frozenset(KINDS))
-    saved, transient = _activations(run, [spec] * run.shape.layers, checkpointing)
+    specs = [LayerSpec(lora=frozenset(lora_targets(run.shape, l))) for l in range(run.shape.layers)]
+    saved, transient = _activations(run, specs, checkpointing)
     moments = 8 if lora_p == 4 else 2 * lora_p
     return MemoryEstimate("lora", weights=n_params * DTYPE_BYTES[run.act] + adapters * lora_p,
                           gradients=adapters * lora_p, optimizer_states=adapters * moments, activations=saved,
@@ -207,14 +211,15 @@ def _lora(run: _Run, master: bool, n_params: int, checkpointing: bool) -> Memory
 def _layerwise(run: _Run, master: bool, n_params: int, checkpointing: bool, layers_active: int,
                placement: str) -> MemoryEstimate:
     """BAdam-style layer-wise BCD: ``layers_active`` consecutive blocks (norms included) train."""
-    shape, every = run.shape, LayerSpec(trainable=frozenset(KINDS + NORMS))
+    shape, every = run.shape, _every(run.shape)
     starts = [0] if placement == "worst" else list(range(shape.layers - layers_active + 1))
-    saved = transient = 0
+    saved = transient = trained = 0
     for start in starts:
-        specs = [every if start <= l < start + layers_active else LayerSpec() for l in range(shape.layers)]
+        specs = [every[l] if start <= l < start + layers_active else LayerSpec() for l in range(shape.layers)]
         a, t = _activations(run, specs, checkpointing)
         saved, transient = saved + a, transient + t
-    trained = layers_active * layer_numel(shape)
+        trained += sum(layer_numel(shape, l) for l in range(start, start + layers_active))
+    trained //= len(starts)
     cost = _state_cost(run, master)
     return MemoryEstimate("layerwise", weights=n_params * DTYPE_BYTES[run.act], gradients=trained * cost.grad,
                           optimizer_states=trained * (cost.master + cost.moments),
