@@ -21,6 +21,13 @@ delta=1% and 3% with the sparse backward, with and without ``step_in_backward``.
     python bench/bench_memory.py --quick            # CPU, small model, seq 64..512
     python bench/bench_memory.py                    # CUDA: ~1.1B bf16 model, seq 128..4096
     python bench/bench_memory.py --json out.json
+    python bench/bench_memory.py --quick --moe      # a Mixtral-style MoE model instead
+
+With ``--moe`` the model is a Mixtral (8 experts, top-2): MISA's units are then the
+attention's modules, the routers and every expert's two matrices, and its per-expert
+forward computes weight gradients for the active experts only; AdamW runs transformers'
+default experts implementation (``grouped_mm``, full 3-D weight gradients), LoRA adapts the
+attention's Linears (the MoE blocks have no other ``nn.Linear``).
 
 The paper's goal (Fig. 2): MISA delta=1% at most 0.86x LoRA r=16's peak at seq >= 1024
 on a >= 1B model; the ``vs LoRA r16`` column gives that ratio (of ``peak_bytes`` on
@@ -39,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import misa_kernels as mk  # noqa: E402
@@ -60,6 +67,13 @@ class Setup:
     seq_lens: tuple[int, ...]
     warmup: int = 1
     measured: int = 3  # MISA sampling seeds
+    moe: bool = False  # a Mixtral instead of a LLaMA
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        config = MixtralConfig(**self.config) if self.moe else LlamaConfig(**self.config)
+        model = (MixtralForCausalLM if self.moe else LlamaForCausalLM)(config)
+        return model.to(self.device, self.dtype).train()
 
 
 # 6 layers (4.48M parameters): delta=1% (45k) still fits a k/v projection (33k), as on big models.
@@ -70,11 +84,23 @@ FULL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidd
             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096)
 
 
-def default_setup(quick: bool, seq_lens: Optional[list[int]] = None) -> Setup:
-    """CPU fp32 small model when ``quick`` or without CUDA; else the 1.1B model in bf16."""
+# Mixtral-style, 8 experts top-2: 4 layers (13.5M parameters; an expert's down_proj 131k, 0.97%).
+QUICK_MOE = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096)
+# 16 layers, hidden 1024, 8 experts of width 2816: 1.2B parameters (one gate_up_proj 0.47%).
+FULL_MOE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                num_attention_heads=16, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                max_position_embeddings=4096)
+
+
+def default_setup(quick: bool, seq_lens: Optional[list[int]] = None, moe: bool = False) -> Setup:
+    """CPU fp32 small model when ``quick`` or without CUDA; else the 1.1B model in bf16
+    (``moe``: the Mixtral-style shapes instead)."""
     if quick or not torch.cuda.is_available():
-        return Setup(QUICK, torch.float32, torch.device("cpu"), 2, tuple(seq_lens or (64, 128, 256, 512)))
-    return Setup(FULL, torch.bfloat16, torch.device("cuda"), 1, tuple(seq_lens or (128, 256, 512, 1024, 2048, 4096)))
+        return Setup(QUICK_MOE if moe else QUICK, torch.float32, torch.device("cpu"), 2,
+                     tuple(seq_lens or (64, 128, 256, 512)), moe=moe)
+    return Setup(FULL_MOE if moe else FULL, torch.bfloat16, torch.device("cuda"), 1,
+                 tuple(seq_lens or (128, 256, 512, 1024, 2048, 4096)), moe=moe)
 
 
 # ---------------------------------------------------------------------- methods
@@ -115,7 +141,8 @@ def _lora(model: nn.Module, rank: int) -> Method:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
         raise MissingPeer("peft not installed (pip install -e .[bench])") from err
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LINEARS, lora_dropout=0.0))
+    present = [name for name in LINEARS if any(n.endswith(f".{name}") for n, _ in model.named_modules())]
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=present, lora_dropout=0.0))
     return _adamw(model)
 
 
@@ -193,8 +220,7 @@ def _measured_step(method: Method, batch: dict) -> dict:
 
 def _measure_draw(name: str, seq_len: int, setup: Setup, seed: int) -> dict:
     """Warm-up steps, then one measured step, on a fresh model (MISA samples with ``seed``)."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**setup.config)).to(setup.device, setup.dtype).train()
+    model = setup.build_model()
     method = build_method(name, model, seed)
     for step in range(setup.warmup):
         _train_step(method, _batch(setup, seq_len, step))
@@ -217,11 +243,11 @@ def measure_one(name: str, seq_len: int, setup: Setup) -> dict:
 
 
 def measure_memory(seq_lens: list[int], quick: bool, methods: tuple[str, ...] = METHODS,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, moe: bool = False) -> list[dict]:
     """Rows ``method, seq_len, peak_bytes (None on CPU), saved_activation_bytes,
     optimizer_bytes, gradient_bytes, weight_bytes, total_bytes`` (``error`` instead of the
-    numbers when a peer is missing or the run does not fit)."""
-    setup = default_setup(quick, seq_lens)
+    numbers when a peer is missing or the run does not fit); ``moe``: on the Mixtral shapes."""
+    setup = default_setup(quick, seq_lens, moe)
     rows = []
     runs = [(name, seq) for seq in setup.seq_lens for name in methods]
     for name, seq in tqdm(runs, desc="memory vs sequence length", disable=not progress):
@@ -273,6 +299,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small model on CPU (the default without CUDA)")
     parser.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths to measure")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--moe", action="store_true", help="a Mixtral-style mixture-of-experts model")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -280,7 +307,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    rows = measure_memory(args.seq_lens, args.quick, tuple(args.methods), progress=not args.no_progress)
+    rows = measure_memory(args.seq_lens, args.quick, tuple(args.methods), progress=not args.no_progress,
+                          moe=args.moe)
     print(format_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed.fsdp2 import DTensor
 from .ops.sparse_linear import GradSlot, sparse_linear
 
 Linear = Callable[[Tensor, Tensor, Optional[Tensor], str], Tensor]
@@ -84,6 +85,10 @@ class ExpertSlices:
         slices = cls(name, module, layout)
         for matrix, bias in layout.matrices:
             fused = [module._parameters[matrix]] + ([module._parameters[bias]] if bias else [])
+            if any(isinstance(t, DTensor) for t in fused):
+                raise ValueError(f"model: MISA's per-expert views cannot slice FSDP2-sharded fused experts ({name}); "
+                                 "train the MoE model with DDP (or one process), or choose non-expert modules "
+                                 "with module_filter")
             for tensor in fused:
                 slices._storages[_attr_name(tensor, module)] = tensor.untyped_storage().data_ptr()
             for e in range(fused[0].shape[0]):

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .experts import ExpertSlices, expert_layout
+from .experts import ExpertSlices, expert_layout, slice_name
 
 ModuleFilter = Callable[[str, nn.Module], bool]
 
@@ -101,18 +101,26 @@ class Discovery:
     experts: dict[str, ExpertSlices] = field(default_factory=dict)
 
 
-def _candidates(root: nn.Module, prefix: str, layer: Callable[[str], int], experts: dict[str, ExpertSlices]):
-    """``(unit, module)`` of every module under ``root``: 2-D-weight submodules, and one per
-    expert matrix of a fused experts module (recorded in ``experts``)."""
+def _candidates(root: nn.Module, prefix: str, layer: Callable[[str], int], experts: dict[str, ExpertSlices],
+                keep: ModuleFilter = lambda name, module: True) -> list[Unit]:
+    """The units under ``root`` that ``keep`` accepts: 2-D-weight submodules, and one per
+    expert matrix of a fused experts module (its views made, and recorded in ``experts``,
+    only when one of its matrices is kept)."""
+    units = []
     for sub_name, m in root.named_modules():
         name = ".".join(part for part in (prefix, sub_name) if part)
         layout = expert_layout(m)
         if layout is not None:
-            slices = experts[name] = ExpertSlices.of(name, m, layout)
-            for key, (weight, bias) in slices.views.items():
-                yield Unit(key, layer(name), (key,), (weight,) if bias is None else (weight, bias)), m
-        elif _owns_matrix(m):
-            yield Unit(name, layer(name), (name,), _module_params(m)), m
+            count = m._parameters[layout.matrices[0][0]].shape[0]
+            kept = [key for e in range(count) for matrix, _ in layout.matrices
+                    if keep(key := slice_name(name, matrix, e), m)]
+            if kept:
+                slices = experts[name] = ExpertSlices.of(name, m, layout)
+                units += [Unit(key, layer(name), (key,), tuple(p for p in slices.views[key] if p is not None))
+                          for key in kept]
+        elif _owns_matrix(m) and keep(name, m):
+            units.append(Unit(name, layer(name), (name,), _module_params(m)))
+    return units
 
 
 def _unplaced(blocks: nn.ModuleList, prefix: str, units: list[Unit], experts: dict[str, ExpertSlices]) -> list[str]:
@@ -141,11 +149,10 @@ def discover(model: nn.Module, module_filter: Optional[ModuleFilter] = None) -> 
     if module_filter is not None:
         prefix = found[0] if found is not None else None
         layer = lambda name: _layer_index(name, prefix)  # noqa: E731
-        units = [u for u, m in _candidates(model, "", layer, experts) if module_filter(u.name, m)]
+        units = _candidates(model, "", layer, experts, module_filter)
         if not units:
             raise ValueError("module_filter selected no module with a 2-D weight in model")
-        used = {n for u in units for n in u.module_names}
-        return Discovery(units, {k: e for k, e in experts.items() if any(v in used for v in e.views)})
+        return Discovery(units, experts)
     if found is None:
         raise ValueError(
             f"model ({type(model).__name__}): no repeated transformer blocks holding 2-D weights "
@@ -153,7 +160,7 @@ def discover(model: nn.Module, module_filter: Optional[ModuleFilter] = None) -> 
         )
     prefix, blocks = found
     units = [u for index, block in enumerate(blocks)
-             for u, _ in _candidates(block, f"{prefix}.{index}", lambda _name, i=index: i, experts)]
+             for u in _candidates(block, f"{prefix}.{index}", lambda _name, i=index: i, experts)]
     unplaced = _unplaced(blocks, prefix, units, experts)
     if unplaced:
         raise ValueError(

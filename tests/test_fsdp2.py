@@ -142,3 +142,12 @@ def test_an_empty_shard_has_norm_zero_on_its_rank(norm_type):
     assert _norm(torch.empty(0, 8), norm_type) == 0
     grad = torch.randn(3, 5)[:, ::2]  # non-contiguous
     assert _norm(grad, norm_type) == torch.linalg.vector_norm(grad, norm_type)
+
+
+def test_fused_experts_under_fsdp2_are_refused(one_rank):
+    from arch_configs import tiny_causal_lm
+    model = _shard(tiny_causal_lm("mixtral"))
+    with pytest.raises(ValueError, match="FSDP2-sharded fused experts"):
+        mk.MISA(model, **ARGS)
+    opt = mk.MISA(model, module_filter=lambda name, m: name.endswith("self_attn.q_proj"), **ARGS)  # no experts
+    assert all("experts" not in n for n in opt.active_modules)
