@@ -144,26 +144,26 @@ def _two_matrices(experts: ExpertSlices, linear: Linear, x: Tensor, e: int, acti
 
 def routed_forward(experts: ExpertSlices, linear: Linear, hidden_states: Tensor, top_k_index: Tensor,
                    top_k_weights: Tensor) -> Tensor:
-    """transformers' eager experts loop over the per-expert views: each expert runs on the
-    tokens routed to it, its outputs weighted and added back per token."""
-    module, k = experts.module, top_k_index.shape[-1]
+    """transformers' experts loop over the per-expert views: the (token, expert) pairs are
+    sorted by expert, each expert runs on its tokens, and the outputs, back in pair order and
+    weighted by the router, are summed per token. Autograd keeps int64 indices for the
+    gathers, not a copy of every output (as an ``index_add_`` per expert would)."""
+    module, (tokens, k) = experts.module, top_k_index.shape
     ids = top_k_index.reshape(-1)
     order = torch.argsort(ids, stable=True)
     counts = torch.bincount(ids, minlength=experts.num_experts + 1).tolist()  # the loop's bounds
-    weights = top_k_weights.reshape(-1)
     activate = module._apply_gate if module.has_gate else module.act_fn
-    out = torch.zeros_like(hidden_states)
-    start = 0
+    outs, start = [], 0
     for e, count in enumerate(counts[: experts.num_experts]):
         if count:
-            pairs = order[start:start + count]
-            tokens = pairs // k
-            y = _two_matrices(experts, linear, hidden_states[tokens], e, activate)
-            if module.has_post_expert_norm:
-                y = module.post_expert_norm(y)
-            out.index_add_(0, tokens, (y * weights[pairs, None]).to(out.dtype))
+            y = _two_matrices(experts, linear, hidden_states[order[start:start + count] // k], e, activate)
+            outs.append(module.post_expert_norm(y) if module.has_post_expert_norm else y)
         start += count
-    return out
+    if start < ids.numel():  # pairs routed to no local expert (ids >= num_experts) add nothing
+        outs.append(hidden_states.new_zeros(ids.numel() - start, hidden_states.shape[-1]))
+    weighted = torch.cat(outs) * top_k_weights.reshape(-1)[order, None]  # in the promoted dtype, as eager
+    by_pair = weighted.index_select(0, torch.argsort(order))
+    return by_pair.view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 def dense_forward(experts: ExpertSlices, linear: Linear, hidden_states: Tensor) -> Tensor:

@@ -125,14 +125,15 @@ def _expert_pairs(run: _Run, spec: LayerSpec, z_grad: bool, weights_grad: bool) 
     """The experts' saved bytes, and whether their output requires grad.
 
     MISA's per-expert forward (``run.per_expert``) gathers each expert's tokens (an int64
-    index per pair) and adds its weighted output back with ``index_add_``, which keeps that
-    output; transformers' ``grouped_mm`` sorts the pairs once (three int64 indices per pair,
-    ``E`` int32 offsets) and runs the fused tensors, whose input is kept if any expert trains."""
+    index per pair), concatenates the outputs in expert order and weights and un-sorts them
+    with one gather each (an int64 index per pair apiece); transformers' ``grouped_mm``
+    sorts the pairs once (three int64 indices per pair, ``E`` int32 offsets) and runs the
+    fused tensors, whose input is kept if any expert trains."""
     shape, t, p = run.shape, spec.trainable, run.p
     h, width, pairs = shape.hidden, shape.expert_intermediate, run.tokens * shape.top_k
     share = pairs / shape.experts
     grouped_input = any(f"gate_up[{e}]" in t for e in range(shape.experts))
-    saved = 8 * pairs if run.per_expert and weights_grad else 0  # the sort order, indexing the weights
+    saved = 8 * pairs if run.per_expert and weights_grad else 0  # the sort order, gathering the weights
     out_grad = weights_grad
     for e in range(shape.experts):
         gate_up, down = f"gate_up[{e}]" in t, f"down[{e}]" in t
@@ -143,12 +144,12 @@ def _expert_pairs(run: _Run, spec: LayerSpec, z_grad: bool, weights_grad: bool) 
         out_grad = True
         per_pair = 3 * width * p * hidden_grad + width * p * down + p * y_grad + h * p * weights_grad
         if run.per_expert:
-            per_pair += 8 + h * p + h * p * gate_up  # token index, index_add_'s source, gathered input
+            per_pair += 8 + h * p * gate_up  # the expert's token index, its gathered input
         else:
             per_pair += 24 + h * p * grouped_input
         saved += round(share * per_pair)
-    if out_grad and not run.per_expert:
-        saved += 4 * shape.experts
+    if out_grad:  # the un-sorting gather's index; grouped_mm's offsets
+        saved += 8 * pairs if run.per_expert else 4 * shape.experts
     return saved, out_grad
 
 
