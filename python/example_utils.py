@@ -15,9 +15,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    import misa_kernels  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
+if str(REPO) not in sys.path:  # misa_kernels without `pip install -e .`, and bench/
     sys.path.insert(0, str(REPO))
 from misa_kernels.data import VOCAB_SIZE, batches, lm_splits  # noqa: E402
 
@@ -87,7 +85,7 @@ def save_loss_plot(curves: dict[str, list[tuple[float, float]]], path: Path, tit
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -e .[bench]): no plot written")
+        print("matplotlib is not installed (pip install -e .[demo]): no plot written")
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, points in curves.items():

