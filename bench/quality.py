@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -145,22 +145,28 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 sample_counts=runs[0]["details"].get("sample_counts"))
 
 
-def run_quality(s: QualitySettings, progress: bool = True) -> dict[str, Any]:
-    """Every task's method rows (and, with ``s.ablations``, MISA 3%'s ablation rows)."""
+def run_quality(s: QualitySettings, progress: bool = True,
+                on_row: Callable[[dict[str, Any]], None] = lambda partial: None) -> dict[str, Any]:
+    """Every task's method rows (and, with ``s.ablations``, MISA 3%'s ablation rows);
+    ``on_row(results so far)`` after each row, so that a long run leaves its rows behind."""
     start = time.perf_counter()
     torch.manual_seed(s.seed)
     base = smollm2.load_model(getattr(torch, s.dtype), s.device)
     specs = [method_spec(name, s) for name in s.methods]
-    tasks = {}
+    results = dict(settings=_jsonable(s), model=dict(name="SmolLM2-135M-Instruct", params=base.num_parameters()),
+                   tasks={}, wall_seconds=None)
     total = sum(len(s.lrs.get(sp.kind, ())) + s.seeds - 1 for sp in specs) * len(s.tasks)
     with tqdm(total=total, desc="quality runs", disable=not progress) as bar:
         for task in s.tasks:
             train, val = smollm2.token_rows(TASKS[task], s.seq_len)
             data = (train, val[torch.linspace(0, len(val) - 1, s.eval_rows).long()])
-            rows = [method_row(base, sp, data, s, s.lrs[sp.kind], bar) for sp in specs]
-            tasks[task] = dict(corpus=TASKS[task], rows=rows, ablations=_ablations(base, rows, data, s, progress))
-    return dict(settings=_jsonable(s), model=dict(name="SmolLM2-135M-Instruct", params=base.num_parameters()),
-                tasks=tasks, wall_seconds=time.perf_counter() - start)
+            block = results["tasks"][task] = dict(corpus=TASKS[task], rows=[], ablations=[])
+            for spec in specs:
+                block["rows"].append(method_row(base, spec, data, s, s.lrs[spec.kind], bar))
+                on_row(results)
+            block["ablations"] = _ablations(base, block["rows"], data, s, progress)
+    results["wall_seconds"] = time.perf_counter() - start
+    return results
 
 
 def _ablations(base, rows: list[dict], data, s: QualitySettings, progress: bool) -> list[dict]:
@@ -235,8 +241,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     s = PRESETS[args.preset or ("quick" if args.quick else "full")]
     if torch.cuda.is_available() and s is PRESETS["full"]:
         s = replace(s, device="cuda", dtype="bfloat16")
-    try:
-        results = run_quality(s, progress=not args.no_progress)
+    try:  # the rows so far are written after each one
+        results = run_quality(s, progress=not args.no_progress,
+                              on_row=lambda partial: write_outputs(partial, args.out, plots=False))
     except smollm2.ModelNotInstalled as err:
         raise SystemExit(str(err))
     print(format_tables(results))

@@ -99,3 +99,13 @@ def test_unknown_options_are_refused_unless_toy(demo, capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(["--pretrain-steps", "3"])
     assert demo.parse_args(["--toy", "--pretrain-steps", "3"]).toy_args == ["--pretrain-steps", "3"]
+
+
+def test_hf_trainer_example_fine_tunes_smollm2(tmp_path):
+    """python/hf_trainer.py --model smollm2: MISA inside the Hugging Face Trainer on the real model."""
+    sys.path.insert(0, str(DEMO_PATH.parent))
+    import hf_trainer
+
+    before, after = hf_trainer.main(["--model", "smollm2", "--steps", "3", "--seq-len", "32", "--batch-size", "2",
+                                     "--eval-steps", "3", "--eval-rows", "4", "--out", str(tmp_path)])
+    assert after < before
