@@ -14,13 +14,14 @@ from misa_kernels import smollm2
 def results():
     assert smollm2.available(), f"the benchmark model is part of the test environment: {smollm2.INSTALL}"
     torch.set_num_threads(2)
-    settings = replace(quality.PRESETS["quick"], seeds=2, lrs={"misa": (3e-4, 1e-3), "lora": (2e-3,)})
+    settings = replace(quality.PRESETS["quick"], methods=("misa-3%", "lora-r16"), seeds=2,
+                       lrs={"misa": (3e-4, 1e-3), "lora": (2e-3,)})
     return quality.run_quality(settings, progress=False)
 
 
 def test_every_method_trains_and_is_summarised_over_its_seeds(results):
     rows = results["tasks"]["code"]["rows"]
-    assert [r["method"] for r in rows] == list(quality.PRESETS["quick"].methods)
+    assert [r["method"] for r in rows] == ["misa-3%", "lora-r16"]
     for row in rows:
         assert row["status"] == "ok"
         assert len(row["losses"]) == 2 and row["seeds"] == [0, 1]
