@@ -105,13 +105,12 @@ def test_a_moving_gradient_is_a_new_table():
     opt = mk.MISA(model, lr=1e-3, delta=0.3, inner_steps=INNER, sweep=False, backend="triton",
                   sparse_backward=True)
     backward = opt._backward
-    counts = []
+    counts, kept = [], []
     for step in range(INNER - 1):
         tables.stats.reset()
-        keep = backward.arena  # holding it makes the next arena land elsewhere
+        kept.append(backward.arena)  # held, so every new arena lands at a new address
         backward._drop_arena()
         model(**random_batch(seed=step)).loss.backward()
         opt.step(), opt.zero_grad()
         counts.append(tables.stats.builds)
-        del keep
     assert all(c > 0 for c in counts)
