@@ -41,6 +41,7 @@ from example_utils import RUNS, save_loss_plot  # noqa: E402  (it puts the repos
 
 import misa_kernels as mk  # noqa: E402
 from bench.bench_memory import saved_bytes_counter  # noqa: E402
+from bench.common import resolve_device  # noqa: E402
 from misa_kernels import smollm2  # noqa: E402
 from misa_kernels.data import batches  # noqa: E402
 
@@ -107,11 +108,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     preset = replace(PRESETS["quick" if args.quick else device], device=device)
     given = {k: v for k, v in dict(steps=args.steps, delta=args.delta, seed=args.seed).items() if v is not None}
     return replace(preset, progress=not args.no_progress, **given)

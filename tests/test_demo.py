@@ -9,23 +9,16 @@ from types import ModuleType
 import pytest
 import torch
 
+from conftest import load_example
 from misa_kernels import smollm2
 
 DEMO_PATH = Path(__file__).resolve().parents[1] / "python" / "finetune_demo.py"
 N_PARAMS = 134_515_008  # SmolLM2-135M
 
 
-def _load_demo() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("finetune_demo", DEMO_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def demo() -> ModuleType:
-    return _load_demo()
+    return load_example("finetune_demo")
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,15 @@
 """The toy demo (python/toy_demo.py, the demo's --toy fallback) in --quick mode: it really trains."""
-import importlib.util
 import json
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-DEMO_PATH = Path(__file__).resolve().parents[1] / "python" / "toy_demo.py"
-
-
-def _load_demo() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("toy_demo", DEMO_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def demo() -> ModuleType:
-    return _load_demo()
+    return load_example("toy_demo")
 
 
 @pytest.fixture(scope="module")

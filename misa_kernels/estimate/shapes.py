@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
