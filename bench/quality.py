@@ -230,6 +230,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the 'quick' preset")
     parser.add_argument("--preset", choices=tuple(PRESETS), help="default: full (quick with --quick)")
+    parser.add_argument("--methods", nargs="+", metavar="NAME", help=f"a subset of the preset's (from {ALL_METHODS})")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -239,6 +240,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     s = PRESETS[args.preset or ("quick" if args.quick else "full")]
+    if args.methods:
+        for name in args.methods:
+            method_spec(name, s)  # a wrong name fails now, not after an hour
+        s = replace(s, methods=tuple(args.methods))
     if torch.cuda.is_available() and s is PRESETS["full"]:
         s = replace(s, device="cuda", dtype="bfloat16")
     try:  # the rows so far are written after each one
