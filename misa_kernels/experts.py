@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed.fsdp2 import DTensor
-from .ops.sparse_linear import GradSlot, sparse_linear
+from .ops.sparse_linear import GradSlot, LinearRouting, install_forwards, sparse_linear
 
 Linear = Callable[[Tensor, Tensor, Optional[Tensor], str], Tensor]
 
@@ -205,26 +205,8 @@ class _RoutedExperts:
         return f"<misa per-expert forward for {self.experts.name!r}>"
 
 
-class ExpertRouting:
-    """Handle of :func:`route_experts`; ``remove()`` restores every experts module."""
-
-    def __init__(self, routed: dict[str, ExpertSlices], forwards: dict[str, _RoutedExperts]):
-        self._routed, self._forwards = routed, forwards
-
-    def remove(self) -> None:
-        for name, experts in self._routed.items():
-            if experts.module.__dict__.get("forward") is self._forwards[name]:
-                del experts.module.__dict__["forward"]
-        self._routed, self._forwards = {}, {}
-
-
-def route_experts(experts: Mapping[str, ExpertSlices], slots: Optional[Mapping[str, GradSlot]] = None) -> ExpertRouting:
+def route_experts(experts: Mapping[str, ExpertSlices], slots: Optional[Mapping[str, GradSlot]] = None) -> LinearRouting:
     """Run each experts module through its per-expert views while training (``slots``: the
     sparse backward's, by slice name; ``None``: plain autograd)."""
-    forwards = {}
-    for name, found in experts.items():
-        if "forward" in found.module.__dict__:
-            raise TypeError(f"{name}: already has an instance-level forward ({found.module.__dict__['forward']!r})")
-        forwards[name] = _RoutedExperts(found, slots)
-        found.module.__dict__["forward"] = forwards[name]
-    return ExpertRouting(dict(experts), forwards)
+    modules = {name: found.module for name, found in experts.items()}
+    return install_forwards(modules, {name: _RoutedExperts(found, slots) for name, found in experts.items()})

@@ -46,6 +46,7 @@ __all__ = [
     "linear_input_grad",
     "linear_weight_grad",
     "linear_weight_grad_accumulate_",
+    "install_forwards",
     "is_routable",
     "native_available",
     "reset_weight_grad_gemm_count",
@@ -285,20 +286,29 @@ def route_custom_linears(modules: Mapping[str, nn.Module], slots: Mapping[str, G
     """Like :func:`route_linears`, for modules with a 2-D ``weight`` whose own forward calls
     ``F.linear`` on it (MoE routers): every such call goes through
     :class:`SparseLinearFunction`; a training forward that makes none raises."""
-    routers = {}
+    forwards = {name: _RoutedCustomForward(name, module, slots[name]) for name, module in modules.items()}
+    return install_forwards(modules, forwards, slots)
+
+
+def install_forwards(modules: Mapping[str, nn.Module], forwards: Mapping[str, Callable],
+                     slots: Mapping[str, GradSlot] = {}) -> "LinearRouting":
+    """Give each module its instance-level ``forward`` from ``forwards`` (none of them may
+    have one already: then nothing is installed); the handle restores them."""
+    taken = [f"{name}: already has an instance-level forward ({m.__dict__['forward']!r})"
+             for name, m in modules.items() if "forward" in m.__dict__]
+    if taken:
+        raise TypeError("; ".join(taken))
     for name, module in modules.items():
-        if "forward" in module.__dict__:
-            raise TypeError(f"{name}: already has an instance-level forward ({module.__dict__['forward']!r})")
-        routers[name] = _RoutedCustomForward(name, module, slots[name])
-        module.__dict__["forward"] = routers[name]
-    return LinearRouting(dict(modules), routers, dict(slots))
+        module.__dict__["forward"] = forwards[name]
+    return LinearRouting(dict(modules), dict(forwards), dict(slots))
 
 
 class LinearRouting:
-    """Handle of :func:`route_linears`; ``remove()`` (or leaving a ``with`` block)
+    """Handle of :func:`install_forwards` (:func:`route_linears`, :func:`route_custom_linears`,
+    :func:`~misa_kernels.experts.route_experts`); ``remove()`` (or leaving a ``with`` block)
     restores every module exactly."""
 
-    def __init__(self, modules: dict[str, nn.Module], routers: dict[str, _RoutedForward],
+    def __init__(self, modules: dict[str, nn.Module], routers: dict[str, Callable],
                  slots: dict[str, GradSlot]):
         self.modules, self.slots = modules, slots
         self._routers = routers
@@ -335,9 +345,6 @@ def route_linears(modules: Mapping[str, nn.Module],
     if len({id(m) for m in modules.values()}) != len(modules):
         raise ValueError("modules: the same module appears under two names")
     layouts = {name: _is_transposed(name, module) for name, module in modules.items()}
-    routers = {}
-    for name, module in modules.items():
-        slot = slots.setdefault(name, GradSlot(key=name))
-        routers[name] = _RoutedForward(module, slot, layouts[name])
-        module.__dict__["forward"] = routers[name]
-    return LinearRouting(dict(modules), routers, slots)
+    forwards = {name: _RoutedForward(module, slots.setdefault(name, GradSlot(key=name)), layouts[name])
+                for name, module in modules.items()}
+    return install_forwards(modules, forwards, slots)
