@@ -25,6 +25,10 @@ from .ops.sparse_linear import GradSlot, route_custom_linears, route_linears
 Pair = tuple[nn.Parameter, Optional[nn.Parameter]]  # a module's (weight, bias)
 
 
+def _nbytes(tensors: Iterable[Optional[Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 class BackwardPath(Protocol):
     """What MISA needs from a backward implementation."""
 
@@ -173,7 +177,7 @@ class SparseBackward(AutogradBackward):
         views = self.arena.take(slot.key) if slot.key in self.arena else None
         if views is None:
             slot.allocate(weight, bias)
-            self._count(sum(b.numel() * b.element_size() for b in self._buffers(slot.key)))
+            self._count(_nbytes(self._buffers(slot.key)))
         else:
             slot.weight_buffer, slot.bias_buffer = views
             self._in_arena.add(slot.key)
@@ -205,7 +209,7 @@ class SparseBackward(AutogradBackward):
                 self._in_arena.discard(slot.key)
                 self.arena.give_back(slot.key)
             else:
-                self.live_bytes -= sum(b.numel() * b.element_size() for b in buffers if b is not None)
+                self.live_bytes -= _nbytes(buffers)
 
     def _drop_arena(self) -> None:
         """A new active set: the next backward builds its own arena (once nothing holds views)."""
