@@ -158,8 +158,7 @@ def run_quality(s: QualitySettings, progress: bool = True,
     total = sum(len(s.lrs.get(sp.kind, ())) + s.seeds - 1 for sp in specs) * len(s.tasks)
     with tqdm(total=total, desc="quality runs", disable=not progress) as bar:
         for task in s.tasks:
-            train, val = smollm2.token_rows(TASKS[task], s.seq_len)
-            data = (train, val[torch.linspace(0, len(val) - 1, s.eval_rows).long()])
+            data = smollm2.token_rows(TASKS[task], s.seq_len, val_rows=s.eval_rows)
             block = results["tasks"][task] = dict(corpus=TASKS[task], rows=[], ablations=[])
             for spec in specs:
                 block["rows"].append(method_row(base, spec, data, s, s.lrs[spec.kind], bar))

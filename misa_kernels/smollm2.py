@@ -15,6 +15,7 @@ import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -82,7 +83,12 @@ def _token_ids(corpus: str) -> Tensor:
     return torch.tensor(load_tokenizer()(load_text(corpus))["input_ids"], dtype=torch.int64)
 
 
-def token_rows(corpus: str, seq_len: int, val_fraction: float = 0.1) -> tuple[Tensor, Tensor]:
+def token_rows(corpus: str, seq_len: int, val_fraction: float = 0.1,
+               val_rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Train and validation rows ``[N, seq_len]`` of a :mod:`misa_kernels.data` corpus in the
-    model's tokens; the last ``val_fraction`` of the text is validation, so they never overlap."""
-    return split_rows(_token_ids(corpus), seq_len, val_fraction, corpus)
+    model's tokens; the last ``val_fraction`` of the text is validation, so they never overlap.
+    ``val_rows``: keep that many validation rows, evenly spread over the held-out text."""
+    train, val = split_rows(_token_ids(corpus), seq_len, val_fraction, corpus)
+    if val_rows is not None:
+        val = val[torch.linspace(0, len(val) - 1, val_rows).long()]
+    return train, val

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -41,9 +41,10 @@ from example_utils import RUNS, save_loss_plot  # noqa: E402  (it puts the repos
 
 import misa_kernels as mk  # noqa: E402
 from bench.bench_memory import saved_bytes_counter  # noqa: E402
-from bench.common import resolve_device  # noqa: E402
+from bench.common import batch_stream, evaluate, nbytes, resolve_device, synchronize  # noqa: E402
+from bench.convergence import eval_steps  # noqa: E402
+from bench.peers import state_tensor_bytes  # noqa: E402
 from misa_kernels import smollm2  # noqa: E402
-from misa_kernels.data import batches  # noqa: E402
 
 CORPUS = "python-stdlib-code"
 METHODS = ("misa", "lora", "adamw")
@@ -125,14 +126,10 @@ class Method:
     state_bytes: Callable[[], int]
 
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def _adam(model: nn.Module, lr: float) -> Method:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    return Method(model, opt, lambda: _nbytes(p.grad for p in model.parameters()),
-                  lambda: _nbytes(v for st in opt.state.values() for k, v in st.items() if k != "step"))
+    return Method(model, opt, lambda: sum(nbytes(p.grad) for p in model.parameters()),
+                  lambda: state_tensor_bytes(opt.state.values()))
 
 
 def build_method(name: str, base: nn.Module, s: Settings) -> Method:
@@ -155,42 +152,18 @@ def build_method(name: str, base: nn.Module, s: Settings) -> Method:
 
 
 # ---------------------------------------------------------------------------- training
-def batch_stream(rows: Tensor, s: Settings) -> Iterator[Tensor]:
-    """The same seeded batches, in the same order, for every method."""
-    for batch in batches(rows, s.batch_size, torch.Generator().manual_seed(s.seed + 1)):
-        yield batch.to(s.device)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, rows: Tensor, s: Settings) -> float:
-    model.eval()
-    total = 0.0
-    for start in range(0, len(rows), s.batch_size):
-        chunk = rows[start:start + s.batch_size].to(s.device)
-        total += model(input_ids=chunk, labels=chunk).loss.float().item() * len(chunk)
-    model.train()
-    return total / len(rows)
-
-
-def _sync(s: Settings) -> None:
-    if s.device == "cuda":
-        torch.cuda.synchronize()
-
-
-def eval_steps(s: Settings) -> set[int]:
-    return {round(s.steps * (i + 1) / s.eval_points) for i in range(s.eval_points)}
-
-
 def finetune(name: str, base: nn.Module, train: Tensor, val: Tensor, s: Settings) -> tuple[dict, Method]:
     """Fine-tune a copy of ``base`` with ``name``; its metrics and the method."""
     method = build_method(name, base, s)
-    before = evaluate(method.model, val, s)
+    before = evaluate(method.model, val, s.batch_size, s.device)
     curve, times, memory, trained = [[0, before]], [], dict.fromkeys(MEMORY_KEYS, 0), 0
-    stream, checkpoints, start = batch_stream(train, s), eval_steps(s), time.perf_counter()
+    # the same seeded batches, in the same order, for every method
+    stream = batch_stream(train, s.batch_size, s.device, seed=s.seed + 1)
+    checkpoints, start = set(eval_steps(s.steps, s.eval_points)), time.perf_counter()
     for step in tqdm(range(1, s.steps + 1), desc=f"fine-tune {name:5s}", disable=not s.progress):
         ids = next(stream)
         hooks, saved = saved_bytes_counter(method.model)
-        _sync(s)
+        synchronize(s.device)
         tick = time.perf_counter()
         with hooks:
             loss = method.model(input_ids=ids, labels=ids).loss
@@ -198,14 +171,14 @@ def finetune(name: str, base: nn.Module, train: Tensor, val: Tensor, s: Settings
         grads = method.gradient_bytes()
         trained = max(trained, sum(p.numel() for p in method.model.parameters() if p.grad is not None))
         method.opt.step()
-        _sync(s)
+        synchronize(s.device)
         times.append(time.perf_counter() - tick)
         # the largest reading of each part (MISA's states change at a switch)
         for key, value in zip(MEMORY_KEYS, (method.state_bytes(), grads, saved())):
             memory[key] = max(memory[key], value)
         method.opt.zero_grad(set_to_none=True)
         if step in checkpoints:
-            curve.append([step, evaluate(method.model, val, s)])
+            curve.append([step, evaluate(method.model, val, s.batch_size, s.device)])
     if isinstance(method.opt, mk.MISA):
         trained = max(trained, sum(method.opt.trained_parameters.values()))  # bf16 buffers live outside .grad
     metrics = dict(lr=s.lr(name), val_loss_before=before, val_loss_after=curve[-1][1], val_curve=curve,
@@ -221,8 +194,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     s = resolve_settings(args)
     torch.manual_seed(s.seed)
     base = smollm2.load_model(getattr(torch, s.dtype), s.device)
-    train, val = smollm2.token_rows(CORPUS, s.seq_len)
-    val = val[torch.linspace(0, len(val) - 1, s.eval_rows).long()]  # spread over the validation text
+    train, val = smollm2.token_rows(CORPUS, s.seq_len, val_rows=s.eval_rows)
     methods, misa = {}, None
     for name in METHODS:
         methods[name], method = finetune(name, base, train, val, s)

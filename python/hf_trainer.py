@@ -72,8 +72,8 @@ def _model_and_rows(args, device: str):
     if args.model == "smollm2":
         from misa_kernels import smollm2
 
-        train, val = smollm2.token_rows("python-stdlib-code", args.seq_len)
-        return smollm2.load_model(device=device), train, val[torch.linspace(0, len(val) - 1, args.eval_rows).long()]
+        train, val = smollm2.token_rows("python-stdlib-code", args.seq_len, val_rows=args.eval_rows)
+        return smollm2.load_model(device=device), train, val
     model = tiny_llama(seq_len=args.seq_len, device=device)
     base_loss = pretrain_briefly(model, args.pretrain_steps, args.batch_size, args.seq_len)
     print(f"base model: validation loss {base_loss:.3f} on python-reference")

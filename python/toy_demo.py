@@ -38,12 +38,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-try:
-    import misa_kernels as mk
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import misa_kernels as mk
-from misa_kernels.data import VOCAB_SIZE, batches, lm_splits
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import example_utils  # noqa: E402,F401  (puts the repository on sys.path: misa_kernels, bench)
+
+import misa_kernels as mk  # noqa: E402
+from bench.common import resolve_device  # noqa: E402
+from misa_kernels.data import VOCAB_SIZE, batches, lm_splits  # noqa: E402
 
 PRETRAIN_CORPUS = "python-reference"
 FINETUNE_CORPUS = "python-docstrings"
@@ -120,15 +120,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser.parse_args(argv)
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; refuse ``cuda`` without a GPU."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return name
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
