@@ -90,8 +90,8 @@ activations assume balanced routing (``N k / E`` tokens per expert): the router 
 fp32 probabilities (``4 N E``) and top-``k`` indices, every (token, expert) pair that a
 gradient flows through its SwiGLU intermediates ``3 I_e p``, its routing weight and, for
 the router's gradient, its output ``h p``; an active expert adds its gathered input (``h p``
-per pair, ``gate_up``) or ``I_e p`` (``down``). MISA runs its per-expert forward (a token
-index and ``index_add_``'s source per pair); AdamW, LoRA and BAdam run transformers'
+per pair, ``gate_up``) or ``I_e p`` (``down``). MISA runs its per-expert forward (three
+int64 indices per pair: the expert's tokens, the weights' gather, the un-sorting); AdamW, LoRA and BAdam run transformers'
 default ``grouped_mm`` (three int64 indices per pair, the sorted input once if the experts
 train). LoRA on a MoE config adapts the ``nn.Linear`` modules: attention, dense MLPs and
 shared experts (peft's ``all-linear`` also wraps the fused experts and the router; not
