@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from tqdm import tqdm
@@ -60,7 +60,7 @@ class QualitySettings:
     eval_points: int
     seeds: int
     lrs: dict[str, tuple[float, ...]]
-    ablations: bool
+    ablations: tuple[str, ...]  # labels of ABLATIONS to run
     device: str = "cpu"
     dtype: str = "float32"
     inner_steps: int = 20
@@ -72,21 +72,22 @@ class QualitySettings:
 ALL_METHODS = tuple(f"{s}-{d}" for d in ("1%", "3%") for s in STRATEGIES) + ("badam", "lora-r16", "galore", "adamw")
 LRS = {"misa": (1e-4, 3e-4, 1e-3), "badam": (1e-4, 3e-4, 1e-3), "lora": (5e-4, 2e-3, 5e-3),
        "galore": (1e-4, 3e-4, 1e-3), "adamw": (2e-5, 5e-5, 1e-4)}
-PRESETS = {
-    "quick": QualitySettings(tasks=("code",), methods=("misa-3%", "uniform-3%", "lora-r16"), seq_len=32, batch_size=2,
-                             steps=2, eval_rows=2, eval_points=1, seeds=1, lrs={k: v[1:2] for k, v in LRS.items()},
-                             ablations=False, inner_steps=2),
-    "cpu": QualitySettings(tasks=("code",), methods=("misa-3%", "uniform-3%", "bottomk-3%", "topk-3%", "lora-r16",
-                                                     "adamw"),
-                           seq_len=128, batch_size=4, steps=40, eval_rows=16, eval_points=4, seeds=3,
-                           lrs={"misa": (3e-4, 1e-3), "lora": (2e-3,), "adamw": (5e-5,)}, ablations=False),
-    "full": QualitySettings(tasks=tuple(TASKS), methods=ALL_METHODS, seq_len=256, batch_size=8, steps=300,
-                            eval_rows=64, eval_points=6, seeds=3, lrs=LRS, ablations=True, inner_steps=50),
-}
 ABLATIONS = {"momentum none": dict(momentum_step="none"), "momentum proof": dict(momentum_step="proof"),
              "no sweep": dict(sweep=False), "T=10": dict(inner_steps=10), "T=100": dict(inner_steps=100),
              "max_logit=1": dict(max_logit=1.0), "max_logit=20": dict(max_logit=20.0),
              "eta=0.3": dict(eta=0.3), "eta=3": dict(eta=3.0)}
+PRESETS = {
+    "quick": QualitySettings(tasks=("code",), methods=("misa-3%", "uniform-3%", "lora-r16"), seq_len=32, batch_size=2,
+                             steps=2, eval_rows=2, eval_points=1, seeds=1, lrs={k: v[1:2] for k, v in LRS.items()},
+                             ablations=(), inner_steps=2),
+    "cpu": QualitySettings(tasks=("code",), methods=("misa-3%", "uniform-3%", "bottomk-3%", "topk-3%", "lora-r16",
+                                                     "adamw"),
+                           seq_len=128, batch_size=4, steps=40, eval_rows=16, eval_points=4, seeds=3,
+                           lrs={"misa": (3e-4, 1e-3), "lora": (2e-3,), "adamw": (5e-5,), "badam": (3e-4, 1e-3),
+                                "galore": (3e-4, 1e-3)}, ablations=()),
+    "full": QualitySettings(tasks=tuple(TASKS), methods=ALL_METHODS, seq_len=256, batch_size=8, steps=300,
+                            eval_rows=64, eval_points=6, seeds=3, lrs=LRS, ablations=tuple(ABLATIONS), inner_steps=50),
+}
 
 
 def method_spec(name: str, s: QualitySettings) -> MethodSpec:
@@ -163,22 +164,24 @@ def run_quality(s: QualitySettings, progress: bool = True,
             for spec in specs:
                 block["rows"].append(method_row(base, spec, data, s, s.lrs[spec.kind], bar))
                 on_row(results)
-            block["ablations"] = _ablations(base, block["rows"], data, s, progress)
+            for ablation in _ablations(base, block["rows"], data, s, progress):
+                block["ablations"].append(ablation)
+                on_row(results)
     results["wall_seconds"] = time.perf_counter() - start
     return results
 
 
-def _ablations(base, rows: list[dict], data, s: QualitySettings, progress: bool) -> list[dict]:
+def _ablations(base, rows: list[dict], data, s: QualitySettings, progress: bool) -> Iterator[dict]:
+    """Each ablation's row (misa-3% with one option changed, at misa-3%'s best lr, same seeds)."""
     reference = next((r for r in rows if r["method"] == "misa-3%" and r.get("status") == "ok"), None)
     if not s.ablations or reference is None:
-        return []
+        return
     spec = method_spec("misa-3%", s)
-    out = []
-    for label, options in tqdm(ABLATIONS.items(), desc="ablations", disable=not progress):
+    for label in tqdm(s.ablations, desc="ablations", disable=not progress):
+        options = ABLATIONS[label]
         variant = MethodSpec(f"misa-3% {label}", "misa", {**spec.options, **options})
         runs = [one_run(base, variant, data, reference["best_lr"], s.seed + k, s) for k in range(s.seeds)]
-        out.append(dict(method=variant.label, options=variant.options, status="ok", **summarize(runs)))
-    return out
+        yield dict(method=variant.label, options=variant.options, status="ok", **summarize(runs))
 
 
 def _jsonable(s: QualitySettings) -> dict[str, Any]:
@@ -230,19 +233,47 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the 'quick' preset")
     parser.add_argument("--preset", choices=tuple(PRESETS), help="default: full (quick with --quick)")
     parser.add_argument("--methods", nargs="+", metavar="NAME", help=f"a subset of the preset's (from {ALL_METHODS})")
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), help="instead of the preset's tasks")
+    parser.add_argument("--lrs", nargs="+", metavar="KIND=LR,LR", type=_lr_grid, default=[],
+                        help="a learning-rate grid instead of the preset's, e.g. misa=1e-4,3e-4 badam=1e-3")
+    parser.add_argument("--ablations", nargs="*", metavar="LABEL", choices=tuple(ABLATIONS),
+                        help="run these ablations of misa-3%% (all with no label; needs misa-3%% among the methods)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+def _lr_grid(text: str) -> tuple[str, tuple[float, ...]]:
+    kind, _, grid = text.partition("=")
+    if kind not in LRS or not grid:
+        raise argparse.ArgumentTypeError(f"--lrs wants KIND=LR[,LR...] with KIND in {tuple(LRS)}, got {text!r}")
+    try:
+        return kind, tuple(float(lr) for lr in grid.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lrs {text!r}: the learning rates must be numbers") from None
+
+
+def settings_from_args(args: argparse.Namespace) -> QualitySettings:
+    """The preset, narrowed or changed by ``--methods``, ``--tasks``, ``--lrs`` and ``--ablations``."""
     s = PRESETS[args.preset or ("quick" if args.quick else "full")]
     if args.methods:
         for name in args.methods:
             method_spec(name, s)  # a wrong name fails now, not after an hour
         s = replace(s, methods=tuple(args.methods))
+    if args.tasks:
+        s = replace(s, tasks=tuple(args.tasks))
+    s = replace(s, lrs={**s.lrs, **dict(args.lrs)})
+    if args.ablations is not None:
+        if "misa-3%" not in s.methods:
+            raise SystemExit("--ablations compares against misa-3%: add it to --methods")
+        s = replace(s, ablations=tuple(args.ablations) or tuple(ABLATIONS))
+    return s
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    s = settings_from_args(args)
     if torch.cuda.is_available() and s is PRESETS["full"]:
         s = replace(s, device="cuda", dtype="bfloat16")
     try:  # the rows so far are written after each one
