@@ -9,7 +9,8 @@ How each is set up (the settings are in :class:`bench.common.PeerSettings`):
 - ``adamw``: ``torch.optim.AdamW`` on every parameter (``fused=True`` on CUDA). On a bf16
   model it updates the bf16 weights in place with bf16 moments: no master copy.
 - ``misa``: :class:`misa_kernels.MISA` with the spec's ``delta``, ``inner_steps``,
-  ``strategy``, ``backend``, ``sweep``, ``momentum_step``, ``eta`` and ``max_logit``.
+  ``strategy``, ``backend``, ``sweep``, ``momentum_step``, ``eta``, ``max_logit``,
+  ``score_normalization``, ``score_debias`` and ``dense_embeddings``.
 - ``badam``: ``badam.BlockOptimizer`` around ``torch.optim.AdamW``, one transformer layer
   per block (its default inference), ``switch_mode="random"``; it keeps an fp32 copy of the
   active block (also for fp32 models).
@@ -162,7 +163,8 @@ def _misa(spec, model, lr, *, mode, seed, **_):
     opt = mk.MISA(model, lr=lr, delta=o.get("delta", 0.03), inner_steps=o.get("inner_steps", 50),
                   strategy=o.get("strategy", "misa"), backend=o.get("backend", "auto"), mode=mode, seed=seed,
                   sweep=o.get("sweep"), momentum_step=o.get("momentum_step"), eta=o.get("eta", 1.0),
-                  max_logit=o.get("max_logit", 5.0))
+                  max_logit=o.get("max_logit", 5.0), score_normalization=o.get("score_normalization", "mean"),
+                  score_debias=o.get("score_debias", True), dense_embeddings=o.get("dense_embeddings", False))
     return model, opt
 
 

@@ -10,11 +10,14 @@ LoRA init and MISA's sampling change with the seed), and the table reports the m
 sample standard deviation of the final validation loss over the seeds, the optimizer
 state bytes and the time per step. Ablations of MISA delta=3% (at its best learning rate,
 same seeds): the extra momentum step (none / beta1 / the proof's beta1/(1-beta1)), the
-start-up sweep, ``inner_steps`` T, ``max_logit`` and ``eta``.
+start-up sweep, ``inner_steps`` T, ``max_logit``, ``eta``, the score normalisation (raw,
+unscaled), the EMA's zero-start correction and LISA-style dense embeddings.
 
     python -m bench.quality --quick              # minutes: a few steps, one seed (the tests)
     python -m bench.quality --preset cpu         # about an hour on 2 cores: the code task, fewer methods
     python -m bench.quality                      # the full benchmark (hours on a CPU; a GPU when present)
+    python -m bench.quality --preset cpu --tasks prose --methods lora-r16 --lrs lora=1e-3,2e-3
+    python -m bench.quality --preset cpu --ablations "no sweep" "no debias" --ablation-lr 3e-4
 
 Writes ``<out>/quality.json`` and ``<out>/quality.md`` (default ``bench/results/quality/``),
 loss curves and MISA's sampling heatmap as PNG. Training: constant learning rate after a
@@ -61,6 +64,7 @@ class QualitySettings:
     seeds: int
     lrs: dict[str, tuple[float, ...]]
     ablations: tuple[str, ...]  # labels of ABLATIONS to run
+    ablation_lr: Optional[float] = None  # instead of misa-3%'s best lr (misa-3% need not run then)
     device: str = "cpu"
     dtype: str = "float32"
     inner_steps: int = 20
@@ -75,7 +79,9 @@ LRS = {"misa": (1e-4, 3e-4, 1e-3), "badam": (1e-4, 3e-4, 1e-3), "lora": (5e-4, 2
 ABLATIONS = {"momentum none": dict(momentum_step="none"), "momentum proof": dict(momentum_step="proof"),
              "no sweep": dict(sweep=False), "T=10": dict(inner_steps=10), "T=100": dict(inner_steps=100),
              "max_logit=1": dict(max_logit=1.0), "max_logit=20": dict(max_logit=20.0),
-             "eta=0.3": dict(eta=0.3), "eta=3": dict(eta=3.0)}
+             "eta=0.3": dict(eta=0.3), "eta=3": dict(eta=3.0),
+             "scores raw": dict(score_normalization="raw"), "scores unscaled": dict(score_normalization="unscaled"),
+             "no debias": dict(score_debias=False), "dense embeddings": dict(dense_embeddings=True)}
 PRESETS = {
     "quick": QualitySettings(tasks=("code",), methods=("misa-3%", "uniform-3%", "lora-r16"), seq_len=32, batch_size=2,
                              steps=2, eval_rows=2, eval_points=1, seeds=1, lrs={k: v[1:2] for k, v in LRS.items()},
@@ -174,13 +180,14 @@ def run_quality(s: QualitySettings, progress: bool = True,
 def _ablations(base, rows: list[dict], data, s: QualitySettings, progress: bool) -> Iterator[dict]:
     """Each ablation's row (misa-3% with one option changed, at misa-3%'s best lr, same seeds)."""
     reference = next((r for r in rows if r["method"] == "misa-3%" and r.get("status") == "ok"), None)
-    if not s.ablations or reference is None:
+    lr = s.ablation_lr if s.ablation_lr is not None else reference and reference["best_lr"]
+    if not s.ablations or lr is None:
         return
     spec = method_spec("misa-3%", s)
     for label in tqdm(s.ablations, desc="ablations", disable=not progress):
         options = ABLATIONS[label]
         variant = MethodSpec(f"misa-3% {label}", "misa", {**spec.options, **options})
-        runs = [one_run(base, variant, data, reference["best_lr"], s.seed + k, s) for k in range(s.seeds)]
+        runs = [one_run(base, variant, data, lr, s.seed + k, s) for k in range(s.seeds)]
         yield dict(method=variant.label, options=variant.options, status="ok", **summarize(runs))
 
 
@@ -237,7 +244,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lrs", nargs="+", metavar="KIND=LR,LR", type=_lr_grid, default=[],
                         help="a learning-rate grid instead of the preset's, e.g. misa=1e-4,3e-4 badam=1e-3")
     parser.add_argument("--ablations", nargs="*", metavar="LABEL", choices=tuple(ABLATIONS),
-                        help="run these ablations of misa-3%% (all with no label; needs misa-3%% among the methods)")
+                        help="run these ablations of misa-3%% (all with no label) at misa-3%%'s best lr")
+    parser.add_argument("--ablation-lr", type=float, metavar="LR",
+                        help="the ablations' learning rate (then misa-3%% need not be among the methods)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -257,6 +266,8 @@ def _lr_grid(text: str) -> tuple[str, tuple[float, ...]]:
 def settings_from_args(args: argparse.Namespace) -> QualitySettings:
     """The preset, narrowed or changed by ``--methods``, ``--tasks``, ``--lrs`` and ``--ablations``."""
     s = PRESETS[args.preset or ("quick" if args.quick else "full")]
+    if args.ablation_lr is not None:
+        s = replace(s, ablation_lr=args.ablation_lr, methods=())
     if args.methods:
         for name in args.methods:
             method_spec(name, s)  # a wrong name fails now, not after an hour
@@ -265,8 +276,8 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
         s = replace(s, tasks=tuple(args.tasks))
     s = replace(s, lrs={**s.lrs, **dict(args.lrs)})
     if args.ablations is not None:
-        if "misa-3%" not in s.methods:
-            raise SystemExit("--ablations compares against misa-3%: add it to --methods")
+        if "misa-3%" not in s.methods and s.ablation_lr is None:
+            raise SystemExit("--ablations compares against misa-3%: add it to --methods, or give --ablation-lr")
         s = replace(s, ablations=tuple(args.ablations) or tuple(ABLATIONS))
     return s
 

@@ -288,6 +288,45 @@ def test_pretrain_mode_trains_embeddings_head_and_norms_every_step():
     assert opt.trained_parameters["dense"] == sum(p.numel() for p in dense)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_dense_embeddings_train_embeddings_and_head_every_step_but_not_norms(tied):
+    model = tiny_llama(tie_word_embeddings=tied)
+    before = copy.deepcopy(model)
+    opt = mk.MISA(model, lr=1e-3, delta=0.1, inner_steps=3, dense_embeddings=True)
+    _train(model, opt, 2)
+    changed = {n for (n, p), q in zip(model.named_parameters(), before.parameters()) if not torch.equal(p, q)}
+    assert "model.embed_tokens.weight" in changed and (tied or "lm_head.weight" in changed)
+    assert not {n for n in changed if "norm" in n}
+    embeddings = {id(model.model.embed_tokens.weight): model.model.embed_tokens.weight,
+                  id(model.lm_head.weight): model.lm_head.weight}
+    assert len(embeddings) == (1 if tied else 2)
+    assert opt.trained_parameters["dense"] == sum(p.numel() for p in embeddings.values())
+    assert opt.memory_report()["dense_moments"] == 8 * opt.trained_parameters["dense"]
+
+
+def test_dense_embeddings_need_the_embedding_accessors_and_no_lora():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2))
+
+    with pytest.raises(ValueError, match="dense_embeddings=True.*get_input_embeddings"):
+        mk.MISA(Plain(), dense_embeddings=True)
+    with pytest.raises(TypeError, match="dense_embeddings must be a bool"):
+        mk.MISA(tiny_llama(), dense_embeddings=1)
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="LoRA model needs mode='finetune' and dense_embeddings=False"):
+        mk.MISA(lora, dense_embeddings=True)
+
+
+def test_score_options_reach_the_sampler():
+    opt = mk.MISA(tiny_llama(), score_normalization="raw", score_debias=False)
+    assert opt._sampler.normalization == "raw" and opt._scores.debias is False
+    with pytest.raises(ValueError, match="score_normalization must be one of"):
+        mk.MISA(tiny_llama(), score_normalization="softmax")
+
+
 def test_finetune_mode_freezes_embeddings_head_and_norms():
     model = tiny_llama()
     before = copy.deepcopy(model)

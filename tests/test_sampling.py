@@ -1,6 +1,7 @@
 """Sampling probabilities (Prop. 1, eq. 4) and selection (Algorithm 2)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import misa_kernels as mk
@@ -36,6 +37,27 @@ def test_debiasing_makes_one_observation_comparable():
     observations = torch.tensor([1, 0, 0])
     scores = debiased_scores(ema, observations, beta)
     torch.testing.assert_close(scores, torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))
+
+
+def test_plain_ema_keeps_its_zero_start_when_the_correction_is_off():
+    beta = 0.9
+    ema = torch.tensor([(1 - beta) * 2.0, (1 - beta**2) * 2.0, 0.0], dtype=torch.float64)
+    scores = debiased_scores(ema, torch.tensor([1, 2, 0]), beta, correct=False)
+    expected = torch.tensor([0.2, 0.38, 0.29], dtype=torch.float64)  # unscored: the mean of the scored
+    torch.testing.assert_close(scores, expected)
+
+
+def test_raw_and_unscaled_normalizations_follow_their_formulas():
+    scores = torch.tensor([1e-3, 2e-3, 4e-3], dtype=torch.float64)
+    sizes = torch.tensor([1000.0, 500.0, 2000.0], dtype=torch.float64)
+    raw = sampling_probabilities(scores, 100.0, 5.0, "raw")
+    torch.testing.assert_close(raw, torch.softmax(torch.tensor([0.1, 0.2, 0.4], dtype=torch.float64), 0))
+    unscaled = sampling_probabilities(scores, 1.0, 5.0, "unscaled", sizes)  # eta * ||g||^2 = 1, 1, 8 -> cap 5
+    torch.testing.assert_close(unscaled, torch.softmax(torch.tensor([1.0, 1.0, 5.0], dtype=torch.float64), 0))
+    near_uniform = sampling_probabilities(scores, 1.0, 5.0, "raw")  # Prop. 1 verbatim at eta=1: tiny logits
+    assert float(near_uniform.max() / near_uniform.min()) < 1.01
+    with pytest.raises(ValueError, match="normalization"):
+        sampling_probabilities(scores, 1.0, 5.0, "unscaled")  # needs the sizes
 
 
 def test_draw_order_is_a_permutation_and_topk_sorts():

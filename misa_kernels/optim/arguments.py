@@ -11,7 +11,7 @@ import numbers
 from typing import Callable, Optional
 
 from ..ops.backend import BACKENDS
-from .sampling import STRATEGIES
+from .sampling import NORMALIZATIONS, STRATEGIES
 
 MODES = ("finetune", "pretrain")
 GRANULARITIES = ("module", "layer")
@@ -78,6 +78,9 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "step_in_backward": (_flag, "must be a bool"),
     "keep_states": (lambda v: _flag(v, optional=True), "must be None or a bool"),
     "momentum_step": (lambda v: v is None or v in MOMENTUM_STEPS, f"must be None or one of {MOMENTUM_STEPS}"),
+    "score_normalization": (lambda v: v in NORMALIZATIONS, f"must be one of {NORMALIZATIONS}"),
+    "score_debias": (_flag, "must be a bool"),
+    "dense_embeddings": (_flag, "must be a bool"),
     "module_filter": (_callable, "must be None or a callable (name, module) -> bool"),
 }
 

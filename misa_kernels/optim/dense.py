@@ -1,4 +1,5 @@
-"""The dense parameters of ``mode="pretrain"`` (embeddings, lm_head, norms): trained with
+"""The dense parameters of ``mode="pretrain"`` (embeddings, lm_head, norms) or of
+``dense_embeddings=True`` (embeddings, lm_head): trained with
 AdamW at every step, on top of the ``delta`` budget of modules, each tensor skipped alone
 when its gradient is not finite."""
 from __future__ import annotations

@@ -73,6 +73,9 @@ class MISA(MISAViews, torch.optim.Optimizer):
         mode: ``"finetune"`` freezes embeddings, lm_head and norms; ``"pretrain"`` trains
             them with dense AdamW at every step, *on top of* ``delta`` (see
             :attr:`trained_parameters` and the ``dense_*`` entries of :meth:`memory_report`).
+        dense_embeddings: in ``"finetune"`` mode, train the input embeddings and the
+            lm_head (one tensor when tied) with dense AdamW at every step, as LISA does,
+            on top of ``delta``; norms stay frozen.
         strategy: ``"misa"`` (importance sampling), ``"uniform"``, ``"topk"`` or
             ``"bottomk"`` (the ablations of paper C.4).
         granularity: ``"module"`` or ``"layer"`` (all modules of a block as one unit).
@@ -85,6 +88,13 @@ class MISA(MISAViews, torch.optim.Optimizer):
             ``"misa"``, off for the C.4 ablations, which sample from the first draw.
         max_logit: cap on ``eta * G_b / mean(G)``; the largest probability ratio is
             ``exp(max_logit)``.
+        score_normalization: ``"mean"`` (the logits ``eta * G_b / mean(G)`` above),
+            ``"raw"`` (Prop. 1 verbatim: ``eta * G_b``, near uniform on a real model, whose
+            scaled scores are tiny) or ``"unscaled"`` (the authors' release:
+            ``eta * ||g_b||_F^2``, i.e. ``eta * |b| G_b``), each capped at ``max_logit``.
+        score_debias: divide the score EMA by ``1 - beta^{n_b}`` (``n_b``: inner loops that
+            scored module ``b``) so that a module scored once is not ``1 / (1 - beta)``
+            times less important than one scored often.
         sparse_backward: route the modules' ``nn.Linear``/``Conv1D`` layers through the
             sparse-backward ops (the ``csrc`` extension, or its PyTorch twin): a frozen
             module runs no weight-gradient GEMM and saves no input, an active module's
@@ -138,14 +148,17 @@ class MISA(MISAViews, torch.optim.Optimizer):
         seed: int = 0, backend: str = "auto", *, module_filter: Optional[ModuleFilter] = None,
         sweep: Optional[bool] = None, sweep_steps: int = 1, max_logit: float = 5.0, sparse_backward: bool = False,
         step_in_backward: bool = False, keep_states: Optional[bool] = None, momentum_step: Optional[str] = None,
+        score_normalization: str = "mean", score_debias: bool = True, dense_embeddings: bool = False,
     ):
         check_args(lr=lr, delta=delta, eta=eta, inner_steps=inner_steps, betas=betas, eps=eps,
                    weight_decay=weight_decay, score_beta=score_beta, mode=mode, strategy=strategy,
                    granularity=granularity, seed=seed, backend=backend, sweep=sweep, sweep_steps=sweep_steps,
                    max_logit=max_logit, sparse_backward=sparse_backward, step_in_backward=step_in_backward,
-                   keep_states=keep_states, momentum_step=momentum_step, module_filter=module_filter)
+                   keep_states=keep_states, momentum_step=momentum_step, module_filter=module_filter,
+                   score_normalization=score_normalization, score_debias=score_debias,
+                   dense_embeddings=dense_embeddings)
         model = distributed.unwrap_ddp(model)
-        found = model_setup.trained_parameters(model, module_filter, granularity, mode)
+        found = model_setup.trained_parameters(model, module_filter, granularity, mode, dense_embeddings)
         sharded = distributed.is_fsdp2(model)
         self._check_parallelism(sharded, sparse_backward, step_in_backward)
         self.lora, self.units = found.lora, found.units
@@ -153,6 +166,7 @@ class MISA(MISAViews, torch.optim.Optimizer):
         self.momentum_step = resolve_momentum_step(momentum_step, self.keep_states)
         self.delta, self.eta, self.inner_steps, self.max_logit = delta, eta, inner_steps, max_logit
         self.mode, self.strategy, self.granularity = mode, strategy, granularity
+        self.score_normalization, self.score_debias = score_normalization, score_debias
         self.sweep, self.sweep_steps = resolve_sweep(sweep, strategy), sweep_steps
         self.n_model_params = found.budget_params
         self.budget = delta * self.n_model_params
@@ -170,10 +184,10 @@ class MISA(MISAViews, torch.optim.Optimizer):
         self._store = StateStore(self.state, self.keep_states)
         self._updater = Updater(self.param_groups, group_of, self._store, self._backend)
         self._sets = ActiveSets(self.units, group_of, device, self._norm_dtype)
-        self._scores = ScoreTracker(len(self.units), score_beta, device, self._norm_dtype)
+        self._scores = ScoreTracker(len(self.units), score_beta, device, self._norm_dtype, self.score_debias)
         self._sampler = Sampler([u.numel for u in self.units], self.budget, strategy=self.strategy, eta=self.eta,
                                 max_logit=self.max_logit, inner_steps=self.inner_steps, sweep=self.sweep,
-                                sweep_steps=self.sweep_steps, seed=seed)
+                                sweep_steps=self.sweep_steps, seed=seed, normalization=self.score_normalization)
         self._backward = (model_setup.sparse_backward(model, self.units, found.experts, step_in_backward,
                                                       self._on_module_grad) if sparse else AutogradBackward())
         self._sync = GradSync(model, self._synced_params, self._backward.grad, self._backward.ensure_grad,

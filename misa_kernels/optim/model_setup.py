@@ -23,7 +23,7 @@ class TrainedParameters:
 
     units: list[Unit]
     unit_params: list[nn.Parameter]
-    dense: list[nn.Parameter]  # mode="pretrain": embeddings, lm_head, norms
+    dense: list[nn.Parameter]  # mode="pretrain": embeddings, lm_head, norms; dense_embeddings: the first two
     all_params: list[nn.Parameter]  # the model's own (fused experts included, not their views)
     lora: bool  # a PEFT LoRA model: the units are its A and B matrices (paper B.2)
     experts: dict[str, ExpertSlices]  # experts modules whose matrices are sliced into units
@@ -44,11 +44,12 @@ def unique_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def trained_parameters(model: nn.Module, module_filter: Optional[ModuleFilter], granularity: str,
-                       mode: str) -> TrainedParameters:
+                       mode: str, dense_embeddings: bool = False) -> TrainedParameters:
     """Find the units of ``model`` (see :func:`~misa_kernels.modules.discover`)."""
     lora = module_filter is None and isinstance(model, nn.Module) and is_lora_model(model)
-    if lora and mode == "pretrain":
-        raise ValueError("mode='pretrain' trains the base weights densely; a LoRA model needs mode='finetune'")
+    if lora and (mode == "pretrain" or dense_embeddings):
+        raise ValueError("mode='pretrain' and dense_embeddings=True train base weights densely; a LoRA model needs "
+                         "mode='finetune' and dense_embeddings=False")
     found = discover(model, is_lora_matrix if lora else module_filter)
     units = found.units if granularity == "module" else group_by_layer(found.units)
     unit_params = [p for u in units for p in u.params]
@@ -56,8 +57,24 @@ def trained_parameters(model: nn.Module, module_filter: Optional[ModuleFilter], 
         raise ValueError("model: a parameter belongs to two modules (shared weights are not supported)")
     all_params = unique_params(model)
     in_units = {id(p) for p in unit_params} | {id(p) for e in found.experts.values() for p in e.fused}
-    dense = [p for p in all_params if id(p) not in in_units] if mode == "pretrain" else []
+    if mode == "pretrain":
+        dense = [p for p in all_params if id(p) not in in_units]
+    else:
+        dense = [p for p in embedding_params(model) if id(p) not in in_units] if dense_embeddings else []
     return TrainedParameters(units, unit_params, dense, all_params, lora, found.experts)
+
+
+def embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of the input embeddings and the lm_head (one tensor when tied), found by
+    the Hugging Face accessors ``get_input_embeddings`` / ``get_output_embeddings``."""
+    if not callable(getattr(model, "get_input_embeddings", None)):
+        raise ValueError(f"dense_embeddings=True finds the embeddings with get_input_embeddings(), which "
+                         f"{type(model).__name__} does not have: leave dense_embeddings=False")
+    modules = [model.get_input_embeddings()]
+    if callable(getattr(model, "get_output_embeddings", None)):
+        modules.append(model.get_output_embeddings())
+    params = [m.weight for m in modules if m is not None and isinstance(getattr(m, "weight", None), nn.Parameter)]
+    return list({id(p): p for p in params}.values())
 
 
 def param_groups(unit_params: list[nn.Parameter], dense: list[nn.Parameter], weight_decay: float) -> list[dict]:

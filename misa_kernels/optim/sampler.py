@@ -36,6 +36,8 @@ class Sampler:
         strategy: ``"misa"``, ``"uniform"``, ``"topk"`` or ``"bottomk"``.
         eta: temperature of ``p = softmax(eta * G / mean(G))`` (0: uniform).
         max_logit: cap on ``eta * G / mean(G)``.
+        normalization: ``"mean"`` (``G / mean(G)``), ``"raw"`` or ``"unscaled"`` (see
+            :func:`~.sampling.sampling_probabilities`).
         inner_steps: ``T``, the length of an inner loop.
         sweep: while some unit was never drawn, draw never-drawn units (in random order,
             within the budget) for ``sweep_steps`` steps each, so that every unit has a
@@ -44,9 +46,9 @@ class Sampler:
     """
 
     def __init__(self, sizes: Sequence[int], budget: float, *, strategy: str, eta: float, max_logit: float,
-                 inner_steps: int, sweep: bool, sweep_steps: int, seed: int):
+                 inner_steps: int, sweep: bool, sweep_steps: int, seed: int, normalization: str = "mean"):
         self.sizes, self.budget = list(sizes), budget
-        self.strategy, self.eta, self.max_logit = strategy, eta, max_logit
+        self.strategy, self.eta, self.max_logit, self.normalization = strategy, eta, max_logit, normalization
         self.inner_steps, self.sweep, self.sweep_steps = inner_steps, sweep, sweep_steps
         self.generator = torch.Generator().manual_seed(seed)
         self.probabilities = torch.full((len(sizes),), 1.0 / len(sizes), dtype=torch.float64)
@@ -61,7 +63,8 @@ class Sampler:
     def update(self, scores: Tensor) -> None:
         """Line 15: the probabilities of the next draw from the scores ``G`` (host, float64)."""
         eta = 0.0 if self.strategy == "uniform" else self.eta
-        self.probabilities = sampling_probabilities(scores, eta, self.max_logit)
+        self.probabilities = sampling_probabilities(scores, eta, self.max_logit, self.normalization,
+                                                    torch.tensor(self.sizes, dtype=torch.float64))
 
     def draw(self, scores: Tensor) -> Draw:
         """Line 5 (Algorithm 2, or the sweep): the next active set; counts it."""

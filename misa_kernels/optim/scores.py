@@ -18,8 +18,8 @@ from .sampling import debiased_scores
 class ScoreTracker:
     """Per-unit score state: host EMA + observation counts, device accumulators."""
 
-    def __init__(self, num_units: int, beta: float, device: torch.device, dtype: torch.dtype):
-        self.beta = beta
+    def __init__(self, num_units: int, beta: float, device: torch.device, dtype: torch.dtype, debias: bool = True):
+        self.beta, self.debias = beta, debias
         self.ema = torch.zeros(num_units, dtype=torch.float64)
         self.observations = torch.zeros(num_units, dtype=torch.int64)
         self.skipped_total = 0
@@ -68,8 +68,8 @@ class ScoreTracker:
         return int(self.skipped_steps.sum())
 
     def scores(self) -> Tensor:
-        """``G_b`` corrected for the EMA's zero start (what sampling uses)."""
-        return debiased_scores(self.ema, self.observations, self.beta)
+        """``G_b`` corrected for the EMA's zero start unless ``debias`` is off (what sampling uses)."""
+        return debiased_scores(self.ema, self.observations, self.beta, self.debias)
 
     def state_dict(self) -> dict:
         return {
