@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .grad_arena import GradArena
-from .ops.sparse_linear import GradSlot, route_custom_linears, route_linears
+from .ops.sparse_linear import GradSlot, LinearRouting, route_custom_linears, route_linears
+from .ops.static_linear import route_static_linears
 
 Pair = tuple[nn.Parameter, Optional[nn.Parameter]]  # a module's (weight, bias)
 
@@ -115,8 +116,7 @@ class SparseBackward(AutogradBackward):
                                         for name, m in {**modules, **custom}.items()}
         self._pairs.update(slices)
         self.slots: dict[str, GradSlot] = {key: GradSlot(key) for key in self._pairs}
-        self._routings = [route_linears(dict(modules), {k: self.slots[k] for k in modules}),
-                          route_custom_linears(custom, {k: self.slots[k] for k in custom})]
+        self._routings = self._route(dict(modules), dict(custom))
         self.params_of: dict[str, tuple[nn.Parameter, ...]] = {}
         self._slot_of: dict[nn.Parameter, tuple[GradSlot, str]] = {}
         for name, (weight, bias) in self._pairs.items():
@@ -131,6 +131,10 @@ class SparseBackward(AutogradBackward):
         self.live_bytes = self.peak_bytes = 0
         self._live: dict[str, GradSlot] = {}  # slots holding buffers, so clearing skips the rest
         self._in_arena: set[str] = set()  # of those, the ones holding arena views
+
+    def _route(self, modules: dict[str, nn.Module], custom: dict[str, nn.Module]) -> list[LinearRouting]:
+        return [route_linears(modules, {k: self.slots[k] for k in modules}),
+                route_custom_linears(custom, {k: self.slots[k] for k in custom})]
 
     def routes(self, param: nn.Parameter) -> bool:
         """Whether ``param``'s gradient goes to a buffer rather than ``.grad``."""
@@ -163,10 +167,14 @@ class SparseBackward(AutogradBackward):
         self._drop_arena()
         super().deactivate(params)
 
+    def is_active(self, name: str) -> bool:
+        """Whether module ``name`` gets a weight gradient: one of its parameters requires grad."""
+        return any(p.requires_grad for p in self.params_of[name])
+
     def _active_shapes(self) -> dict[str, tuple]:
-        """(weight, bias) shapes of the modules with a parameter requiring grad."""
+        """(weight, bias) shapes of the active modules."""
         return {name: tuple(None if p is None else p.shape for p in pair)
-                for name, pair in self._pairs.items() if any(p.requires_grad for p in self.params_of[name])}
+                for name, pair in self._pairs.items() if self.is_active(name)}
 
     def _allocate(self, slot: GradSlot) -> None:
         """Give ``slot`` its fp32 buffers: arena views, or its own when the arena cannot."""
@@ -229,3 +237,42 @@ class SparseBackward(AutogradBackward):
         self.clear_grads()
         for routing in self._routings:
             routing.remove()
+
+
+class StaticSparseBackward(SparseBackward):
+    """:class:`SparseBackward` for ``torch.compile``: every module weight keeps
+    ``requires_grad=True`` and a switch flips run-time flags read inside the
+    ``misa::static_linear`` ops (:mod:`misa_kernels.ops.static_linear`), so the compiled
+    graph, and what Dynamo guards on, is the same for every active set. Expert slices and
+    custom modules are refused (their forwards are not custom ops)."""
+
+    name = "static"
+
+    def _route(self, modules: dict[str, nn.Module], custom: dict[str, nn.Module]) -> list[LinearRouting]:
+        outside = sorted(set(self._pairs) - set(modules))
+        if outside:
+            raise ValueError(f"compile_friendly=True routes nn.Linear/Conv1D modules only; these are not: "
+                             f"{outside[:5]} (mixture-of-experts slices and routers are not supported yet)")
+        self._static = route_static_linears(modules, self.slots)
+        return [self._static]
+
+    def is_active(self, name: str) -> bool:
+        return self._static.routes[name].active
+
+    def activate(self, params: Iterable[nn.Parameter]) -> None:
+        params = list(params)
+        self._set_routes(params, True)
+        super().activate(params)
+
+    def deactivate(self, params: Iterable[nn.Parameter]) -> None:
+        params = list(params)
+        self._set_routes(params, False)
+        self.release_grads(params)
+        self._drop_arena()
+        AutogradBackward.deactivate(self, [p for p in params if p not in self._slot_of])  # the routed stay on
+
+    def _set_routes(self, params: list[nn.Parameter], active: bool) -> None:
+        for param in params:
+            found = self._slot_of.get(param)
+            if found is not None:
+                self._static.routes[found[0].key].active = active

@@ -91,7 +91,9 @@ def test_states_kept_across_switches_continue_adam(keep_states):
     steps = {float(s["step"]) for s in opt.state.values()}
     assert steps == ({6.0} if keep_states else {0.0})  # 6 updates carried on, or fresh after the switch
     for (name, p), q in zip(((n, p) for n, p in model.named_parameters() if "lora_" in n), ref_params):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+        # fp32 rounding of differently ordered Adam arithmetic, which the momentum step
+        # amplifies: 1e-5 relative was exceeded on one element on another CPU (1.4e-5)
+        torch.testing.assert_close(p, q, rtol=5e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_a_momentum_step_with_kept_states_is_refused():

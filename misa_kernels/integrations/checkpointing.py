@@ -41,7 +41,8 @@ def attach_input_grad_hooks(
 
     def make_hook(index: int) -> Callable[..., Any]:
         def hook(block: nn.Module, args: tuple, kwargs: dict):
-            if torch.is_grad_enabled() and block_is_active(index) and _uses_reentrant_checkpoint(block):
+            # the active set is read last, so torch.compile does not guard on it without checkpointing
+            if torch.is_grad_enabled() and _uses_reentrant_checkpoint(block) and block_is_active(index):
                 return _mark_input(args, kwargs)
             return None
 

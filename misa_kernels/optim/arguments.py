@@ -81,6 +81,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "score_normalization": (lambda v: v in NORMALIZATIONS, f"must be one of {NORMALIZATIONS}"),
     "score_debias": (_flag, "must be a bool"),
     "dense_embeddings": (_flag, "must be a bool"),
+    "compile_friendly": (_flag, "must be a bool"),
     "module_filter": (_callable, "must be None or a callable (name, module) -> bool"),
 }
 

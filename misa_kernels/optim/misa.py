@@ -119,6 +119,12 @@ class MISA(MISAViews, torch.optim.Optimizer):
             moving ``theta`` to ``x``) or ``"none"``. With kept states the moment carries
             on into the module's next activation, so the default is ``"none"`` and a
             momentum step is refused (it would count the momentum twice).
+        compile_friendly: implies ``sparse_backward``; every module weight keeps
+            ``requires_grad=True`` and the frozen/active decision is made inside custom ops
+            at run time, so a switch changes nothing ``torch.compile`` guards on: one graph
+            for every active set. Costs: each module's input is saved whatever the active
+            set, and backward runs ``dX`` down to the first block. ``nn.Linear``/``Conv1D``
+            modules only (no fused experts yet).
 
     Non-finite gradients skip that module's update (weights, moments, step count and score
     untouched). Under ``torch.amp.GradScaler`` (``scaler.step(opt)``) MISA unscales the
@@ -149,6 +155,7 @@ class MISA(MISAViews, torch.optim.Optimizer):
         sweep: Optional[bool] = None, sweep_steps: int = 1, max_logit: float = 5.0, sparse_backward: bool = False,
         step_in_backward: bool = False, keep_states: Optional[bool] = None, momentum_step: Optional[str] = None,
         score_normalization: str = "mean", score_debias: bool = True, dense_embeddings: bool = False,
+        compile_friendly: bool = False,
     ):
         check_args(lr=lr, delta=delta, eta=eta, inner_steps=inner_steps, betas=betas, eps=eps,
                    weight_decay=weight_decay, score_beta=score_beta, mode=mode, strategy=strategy,
@@ -156,11 +163,11 @@ class MISA(MISAViews, torch.optim.Optimizer):
                    max_logit=max_logit, sparse_backward=sparse_backward, step_in_backward=step_in_backward,
                    keep_states=keep_states, momentum_step=momentum_step, module_filter=module_filter,
                    score_normalization=score_normalization, score_debias=score_debias,
-                   dense_embeddings=dense_embeddings)
+                   dense_embeddings=dense_embeddings, compile_friendly=compile_friendly)
         model = distributed.unwrap_ddp(model)
         found = model_setup.trained_parameters(model, module_filter, granularity, mode, dense_embeddings)
         sharded = distributed.is_fsdp2(model)
-        self._check_parallelism(sharded, sparse_backward, step_in_backward)
+        self._check_parallelism(sharded, sparse_backward or compile_friendly, step_in_backward)
         self.lora, self.units = found.lora, found.units
         self.keep_states = found.lora if keep_states is None else keep_states
         self.momentum_step = resolve_momentum_step(momentum_step, self.keep_states)
@@ -172,10 +179,10 @@ class MISA(MISAViews, torch.optim.Optimizer):
         self.budget = delta * self.n_model_params
         super().__init__(model_setup.param_groups(found.unit_params, found.dense, weight_decay),
                          dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self._build(model, found, sharded, seed, score_beta, backend, sparse_backward or step_in_backward,
-                    step_in_backward)
+        self._build(model, found, sharded, seed, score_beta, backend,
+                    sparse_backward or step_in_backward or compile_friendly, step_in_backward, compile_friendly)
 
-    def _build(self, model, found, sharded, seed, score_beta, backend, sparse, step_in_backward) -> None:
+    def _build(self, model, found, sharded, seed, score_beta, backend, sparse, step_in_backward, static) -> None:
         group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._device = device = model_setup.common_device(found.unit_params + found.dense)
         self._backend = resolve_backend(backend, device, frozenset(p.dtype for p in found.unit_params + found.dense))
@@ -189,7 +196,7 @@ class MISA(MISAViews, torch.optim.Optimizer):
                                 max_logit=self.max_logit, inner_steps=self.inner_steps, sweep=self.sweep,
                                 sweep_steps=self.sweep_steps, seed=seed, normalization=self.score_normalization)
         self._backward = (model_setup.sparse_backward(model, self.units, found.experts, step_in_backward,
-                                                      self._on_module_grad) if sparse else AutogradBackward())
+                                                      self._on_module_grad, static) if sparse else AutogradBackward())
         self._sync = GradSync(model, self._synced_params, self._backward.grad, self._backward.ensure_grad,
                               self._record_synced, sharded)
         records = NormRecords(len(found.unit_params), self._norm_dtype, device)

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..backward import SparseBackward
+from ..backward import SparseBackward, StaticSparseBackward
 from ..experts import ExpertSlices
 from ..modules import ModuleFilter, Unit, discover, group_by_layer, is_lora_matrix, is_lora_model
 from ..ops.linear_ops import low_precision_gemm_note
@@ -104,7 +104,7 @@ def _calls_linear(module: nn.Module) -> bool:
 
 
 def sparse_backward(model: nn.Module, units: list[Unit], experts: dict[str, ExpertSlices], step_in_backward: bool,
-                    on_grad_ready: Callable[[str], None]) -> SparseBackward:
+                    on_grad_ready: Callable[[str], None], static: bool = False) -> SparseBackward:
     """The modules' Linear/Conv1D layers and expert matrices routed through the sparse
     backward. Other modules with a 2-D weight (MoE routers) keep autograd, unless
     ``step_in_backward`` needs them routed: then their ``F.linear`` calls on the weight are."""
@@ -123,5 +123,6 @@ def sparse_backward(model: nn.Module, units: list[Unit], experts: dict[str, Expe
     for note in notes:
         warnings.warn(f"sparse_backward: {note}; upgrade torch to avoid those temporaries", RuntimeWarning,
                       stacklevel=4)
-    return SparseBackward(routed, on_grad_ready, shared=step_in_backward, slices=slices,
-                          custom=custom if step_in_backward else {})
+    kind = StaticSparseBackward if static else SparseBackward
+    return kind(routed, on_grad_ready, shared=step_in_backward, slices=slices,
+                custom=custom if step_in_backward or static else {})
