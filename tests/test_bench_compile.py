@@ -6,7 +6,7 @@ from bench import bench_compile
 
 
 def test_rows_count_graphs_and_ratios():
-    s = replace(bench_compile.PRESETS["quick"], steps=2, warmup=8, inner_steps=1, backend="aot_eager")
+    s = replace(bench_compile.PRESETS["quick"], steps=2, warmup=3, inner_steps=1, backend="aot_eager")
     rows = {r["row"]: r for r in bench_compile.run_all(s, "cpu")}
     assert rows["misa compiled"]["unique_graphs"] > 2  # each switch changes requires_grad: new graphs
     assert rows["misa compile_friendly compiled"]["unique_graphs"] == 1
