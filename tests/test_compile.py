@@ -118,3 +118,14 @@ def test_compile_friendly_refuses_fused_experts():
 
     with pytest.raises(ValueError, match="compile_friendly=True routes nn.Linear/Conv1D modules only"):
         mk.MISA(tiny_causal_lm("mixtral", 0), compile_friendly=True)
+
+
+def test_an_optimizer_dropped_without_detach_leaves_no_route_behind():
+    import gc
+
+    before = len(static_linear._ROUTES)
+    opt = mk.MISA(tiny_llama(), compile_friendly=True)
+    assert len(static_linear._ROUTES) == before + 14  # 2 layers x 7 modules
+    del opt
+    gc.collect()
+    assert len(static_linear._ROUTES) == before

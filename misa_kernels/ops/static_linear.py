@@ -42,7 +42,9 @@ class StaticRoute:
     active: bool = False
 
 
-_ROUTES: dict[int, StaticRoute] = {}
+# Weak: the routing handle (held by the optimizer) owns its routes, so an optimizer that is
+# dropped without detach() is not kept alive by this table.
+_ROUTES: "weakref.WeakValueDictionary[int, StaticRoute]" = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 
 
