@@ -42,9 +42,7 @@ class StaticRoute:
     active: bool = False
 
 
-# Weak: the routing handle (held by the optimizer) owns its routes, so an optimizer that is
-# dropped without detach() is not kept alive by this table.
-_ROUTES: "weakref.WeakValueDictionary[int, StaticRoute]" = weakref.WeakValueDictionary()
+_ROUTES: dict[int, StaticRoute] = {}  # detach() removes an optimizer's routes
 _KEYS = itertools.count()
 
 
