@@ -63,8 +63,11 @@ class AutogradBackward:
 
     def deactivate(self, params: Iterable[nn.Parameter]) -> None:
         for param in params:
-            param.requires_grad_(False)
-            param.grad = None
+            self._freeze(param)
+
+    def _freeze(self, param: nn.Parameter) -> None:
+        param.requires_grad_(False)
+        param.grad = None
 
     def routes(self, param: nn.Parameter) -> bool:
         """Whether ``param``'s gradient goes somewhere else than ``.grad``: never here."""
@@ -267,9 +270,14 @@ class StaticSparseBackward(SparseBackward):
     def deactivate(self, params: Iterable[nn.Parameter]) -> None:
         params = list(params)
         self._set_routes(params, False)
-        self.release_grads(params)
-        self._drop_arena()
-        AutogradBackward.deactivate(self, [p for p in params if p not in self._slot_of])  # the routed stay on
+        super().deactivate(params)
+
+    def _freeze(self, param: nn.Parameter) -> None:
+        """A routed weight keeps requiring grad (its route is off); the others freeze."""
+        if param in self._slot_of:
+            param.grad = None
+        else:
+            super()._freeze(param)
 
     def _set_routes(self, params: list[nn.Parameter], active: bool) -> None:
         for param in params:
