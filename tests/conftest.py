@@ -45,9 +45,9 @@ def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
     return MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=64))
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0, **config) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, **config))
 
 
 def random_batch(batch: int = 2, seq: int = 16, seed: int = 0) -> dict:

@@ -51,14 +51,24 @@ def test_switching_the_active_set_compiles_one_graph(options):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def _gpt2_for_inductor():
+    """No dropout: inductor draws its own random numbers, so only a dropout-free model can
+    match eager; ``loss_type`` set, or transformers' warning about it breaks the graph."""
+    model = tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model.loss_type = "ForCausalLM"
+    return model
+
+
 def test_gpt2_conv1d_compiles_one_graph_with_inductor():
-    (compiled, active), (eager, _) = _compiled_and_eager(tiny_gpt2, "inductor")
+    (compiled, active), (eager, eager_active) = _compiled_and_eager(_gpt2_for_inductor, "inductor")
     assert len(set(active)) >= 5  # of GPT-2's 8 modules
-    # <= 2: after bench_compile's default-path rows in the same process one extra graph was
-    # seen (not yet understood); the aot_eager tests above assert exactly one
-    assert counters["stats"]["unique_graphs"] <= 2
+    assert active == eager_active
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0
+    # Inductor's kernels round differently; Adam turns that into up to ~2e-4 here (as it does
+    # for torch's Adam alone); a module trained on wrong gradients is off by ~lr = 1e-2
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-3, msg=name)
 
 
 def test_compile_friendly_matches_the_sparse_backward_and_runs_weight_gemms_for_active_modules_only():
