@@ -216,7 +216,8 @@ def _is_transposed(name: str, module: nn.Module) -> bool:
 
 
 class _RoutedForward:
-    """The instance-level ``forward`` of a routed module."""
+    """The instance-level ``forward`` of a routed module: :meth:`_training_forward` while
+    autograd records a training step, the module class's own ``forward`` otherwise."""
 
     __slots__ = ("module_ref", "slot", "transposed")
 
@@ -227,10 +228,15 @@ class _RoutedForward:
     def __call__(self, *args, **kwargs) -> Tensor:
         module = self.module_ref()
         x = args[0] if args else next(iter(kwargs.values()))  # `input` (Linear) or `x` (Conv1D)
-        weight, bias = module.weight, module.bias
-        if module.training and torch.is_grad_enabled() and _builds_graph(x, weight, bias):
-            return sparse_linear(x, weight, bias, self.slot, self.transposed)
+        if module.training and torch.is_grad_enabled() and self._records(module, x):
+            return self._training_forward(module, x)
         return type(module).forward(module, *args, **kwargs)
+
+    def _records(self, module: nn.Module, x: Tensor) -> bool:
+        return _builds_graph(x, module.weight, module.bias)
+
+    def _training_forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        return sparse_linear(x, module.weight, module.bias, self.slot, self.transposed)
 
     def __repr__(self) -> str:
         return f"<misa sparse-linear forward for {self.slot.key!r}>"

@@ -22,7 +22,6 @@ gradient for it: the token's gradient depends on every backward op, so all of th
 from __future__ import annotations
 
 import itertools
-import weakref
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -30,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .linear_ops import linear_input_grad
-from .sparse_linear import GradSlot, LinearRouting, _is_transposed, _linear, _out_in, _param_grads, install_forwards
+from .sparse_linear import (GradSlot, LinearRouting, _is_transposed, _linear, _out_in, _param_grads, _RoutedForward,
+                            install_forwards)
 
 
 @dataclass(eq=False)
@@ -104,24 +104,24 @@ def _backward(ctx, grad_out: Tensor):
 static_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _StaticForward:
-    """The instance-level ``forward`` of a module routed through ``misa::static_linear``."""
+class _StaticForward(_RoutedForward):
+    """A routed module's ``forward`` through ``misa::static_linear``: the same op in every
+    training step, whatever ``requires_grad`` says (it is never toggled here)."""
 
-    __slots__ = ("module_ref", "key", "transposed", "token")
+    __slots__ = ("key", "token")
 
-    def __init__(self, module: torch.nn.Module, key: int, transposed: bool, token: Tensor):
-        self.module_ref = weakref.ref(module)  # no module <-> __dict__ reference cycle
-        self.key, self.transposed, self.token = key, transposed, token
+    def __init__(self, module: torch.nn.Module, slot: GradSlot, transposed: bool, key: int, token: Tensor):
+        super().__init__(module, slot, transposed)
+        self.key, self.token = key, token
 
-    def __call__(self, *args, **kwargs) -> Tensor:
-        module = self.module_ref()
-        if module.training and torch.is_grad_enabled():
-            x = args[0] if args else next(iter(kwargs.values()))
-            return static_linear(x, module.weight, module.bias, self.token, self.key, self.transposed)
-        return type(module).forward(module, *args, **kwargs)
+    def _records(self, module: torch.nn.Module, x: Tensor) -> bool:
+        return True
+
+    def _training_forward(self, module: torch.nn.Module, x: Tensor) -> Tensor:
+        return static_linear(x, module.weight, module.bias, self.token, self.key, self.transposed)
 
     def __repr__(self) -> str:
-        return f"<misa static-linear forward for {_ROUTES[self.key].name!r}>"
+        return f"<misa static-linear forward for {self.slot.key!r}>"
 
 
 class StaticRouting(LinearRouting):
@@ -147,7 +147,8 @@ def route_static_linears(modules: Mapping[str, torch.nn.Module], slots: Mapping[
     device = next(iter(modules.values())).weight.device if modules else None
     token = torch.zeros((), device=device, requires_grad=True)  # its .grad stays a zero: nobody reads it
     keys = {name: register(route) for name, route in routes.items()}
-    forwards = {name: _StaticForward(module, keys[name], layouts[name], token) for name, module in modules.items()}
+    forwards = {name: _StaticForward(module, slots[name], layouts[name], keys[name], token)
+                for name, module in modules.items()}
     try:
         routing = install_forwards(modules, forwards, slots)
     except TypeError:
