@@ -91,6 +91,9 @@ PRESETS = {
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--toy" in argv:  # the rest, --help included, is the toy demo's
+        return argparse.Namespace(toy=True, toy_args=[a for a in argv if a != "--toy"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--steps", type=int, help="fine-tuning steps per method")
@@ -101,11 +104,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help=f"loss-curve PNG (default {RUNS}/finetune_demo.png)")
-    args, rest = parser.parse_known_args(argv)
-    if rest and not args.toy:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.toy_args = rest
-    return args
+    return parser.parse_args(argv)
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
@@ -240,8 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.toy:  # the toy demo's own options pass through
         import toy_demo
 
-        toy = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--toy"]
-        return toy_demo.main(toy)
+        return toy_demo.main(args.toy_args)
     try:
         results = run_demo(args)
     except smollm2.ModelNotInstalled as err:

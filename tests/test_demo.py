@@ -94,6 +94,12 @@ def test_unknown_options_are_refused_unless_toy(demo, capsys):
     assert demo.parse_args(["--toy", "--pretrain-steps", "3"]).toy_args == ["--pretrain-steps", "3"]
 
 
+def test_toy_help_is_the_toy_demos(demo, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--toy", "--help"])
+    assert "--pretrain-steps" in capsys.readouterr().out
+
+
 def test_hf_trainer_example_fine_tunes_smollm2(tmp_path):
     """python/hf_trainer.py --model smollm2: MISA inside the Hugging Face Trainer on the real model."""
     sys.path.insert(0, str(DEMO_PATH.parent))
