@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from misa_kernels import smollm2
 
-from .common import PeerSettings, write_json
+from .common import PeerSettings
 from .convergence import best_index, train_run
 from .peers import MethodSpec, PeerUnavailable, make_method
-from .plots import matplotlib_available, plot_curves, plot_sampling_heatmap
+from .quality_report import format_tables, write_outputs
 
 TASKS = {"code": "python-stdlib-code", "prose": "python-reference"}
 OUT = Path(__file__).resolve().parent / "results" / "quality"
@@ -195,44 +195,6 @@ def _jsonable(s: QualitySettings) -> dict[str, Any]:
     values = asdict(s)
     values["lrs"] = {k: list(v) for k, v in s.lrs.items()}
     return values
-
-
-# ---------------------------------------------------------------------------- report
-def _line(row: dict) -> str:
-    if row.get("status") != "ok":
-        return f"| {row['method']} | - | - | {row.get('status', '-')} | - | - |"
-    spread = f" ± {row['std']:.3f}" if row["std"] is not None else ""
-    return (f"| {row['method']} | {row['best_lr']:g} | {row['val_loss_before']:.3f} | "
-            f"{row['mean']:.3f}{spread} (n={len(row['losses'])}) | {row['state_bytes'] / 2**20:.1f} | "
-            f"{row['ms_per_step'] / 1000:.2f} |")
-
-
-def format_tables(results: dict[str, Any]) -> str:
-    """Markdown: per task, one row per method (and ablation)."""
-    s = results["settings"]
-    lines = [f"SmolLM2-135M, {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens, {s['seeds']} seed(s), "
-             f"{s['device']} {s['dtype']}"]
-    for task, block in results["tasks"].items():
-        lines += ["", f"#### {task} ({block['corpus']})", "",
-                  "| method | best lr | val loss before | val loss after, mean ± sd | optimizer state MiB | s/step |",
-                  "|---|---|---|---|---|---|"]
-        lines += [_line(row) for row in block["rows"] + block["ablations"]]
-    return "\n".join(lines)
-
-
-def write_outputs(results: dict[str, Any], out: Path, plots: bool = True) -> list[Path]:
-    paths = [write_json(out / "quality.json", results)]
-    (out / "quality.md").write_text(format_tables(results) + "\n")
-    paths.append(out / "quality.md")
-    if plots and matplotlib_available():
-        for task, block in results["tasks"].items():
-            rows = [dict(r, status="ok", best_lr=r["best_lr"]) for r in block["rows"] if r.get("status") == "ok"]
-            paths.append(plot_curves(rows, out / f"curves_{task}.png", f"SmolLM2-135M on {block['corpus']}"))
-            misa = next((r for r in rows if r["method"] == "misa-3%" and r.get("sample_counts")), None)
-            if misa:
-                paths.append(plot_sampling_heatmap(misa["sample_counts"], out / f"heatmap_{task}.png",
-                                                   f"MISA delta=3% sampling ({task})"))
-    return [p for p in paths if p is not None]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
