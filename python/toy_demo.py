@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import example_utils  # noqa: E402,F401  (puts the repository on sys.path: misa_kernels, bench)
 
 import misa_kernels as mk  # noqa: E402
-from bench.common import resolve_device  # noqa: E402
-from misa_kernels.data import VOCAB_SIZE, batches, lm_splits  # noqa: E402
+from bench.common import batch_stream, corpus_rows, evaluate, lm_loss, nbytes, resolve_device, synchronize  # noqa: E402
+from bench.convergence import eval_steps, warmup_cosine  # noqa: E402
+from misa_kernels.data import VOCAB_SIZE  # noqa: E402
 
 PRETRAIN_CORPUS = "python-reference"
 FINETUNE_CORPUS = "python-docstrings"
@@ -151,62 +152,14 @@ def build_model(s: Settings) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(device=s.device, dtype=getattr(torch, s.dtype))
 
 
-def load_corpus(name: str, s: Settings) -> tuple[Tensor, Tensor]:
-    """Train rows and a fixed validation subset (the first ``eval_rows`` rows) of ``name``."""
-    train, val = lm_splits(name, s.seq_len)
-    return train, val[: s.eval_rows]
-
-
-def batch_stream(rows: Tensor, s: Settings, seed: int) -> Iterator[Tensor]:
-    """Seeded random batches of ``rows``, moved to the run's device."""
-    for batch in batches(rows, s.batch_size, torch.Generator().manual_seed(seed)):
-        yield batch.to(s.device, non_blocking=True)
-
-
-def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Next-byte cross-entropy (the model shifts the labels itself)."""
-    return model(input_ids=ids, labels=ids).loss
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, rows: Tensor, s: Settings) -> float:
-    """Mean validation loss over ``rows`` (all rows have the same length)."""
-    model.eval()
-    total = 0.0
-    for start in range(0, len(rows), s.batch_size):
-        chunk = rows[start : start + s.batch_size].to(s.device)
-        total += lm_loss(model, chunk).float().item() * len(chunk)
-    model.train()
-    return total / len(rows)
-
-
-def synchronize(device: str) -> None:
-    """Wait for queued GPU work so that wall-clock timings are real."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 # ---------------------------------------------------------------------------- pre-training
-def warmup_cosine(steps: int, warmup_fraction: float = 0.05, floor: float = 0.1):
-    """LR multiplier: linear warmup, then cosine decay to ``floor``."""
-    warmup = max(1, int(steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-    return factor
-
-
 def pretrain(model: nn.Module, s: Settings) -> dict[str, Any]:
     """Dense AdamW on the pre-training corpus; returns its val loss before and after."""
-    train, val = load_corpus(PRETRAIN_CORPUS, s)
-    before = evaluate(model, val, s)
+    train, val = corpus_rows(PRETRAIN_CORPUS, s.seq_len, s.eval_rows)
+    before = evaluate(model, val, s.batch_size, s.device)
     opt = torch.optim.AdamW(model.parameters(), lr=s.pretrain_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(s.pretrain_steps))
-    stream = batch_stream(train, s, seed=s.seed)
+    stream = batch_stream(train, s.batch_size, s.device, seed=s.seed)
     start = time.perf_counter()
     for _ in tqdm(range(s.pretrain_steps), desc=f"pre-train ({PRETRAIN_CORPUS})", disable=not s.progress):
         lm_loss(model, next(stream)).backward()
@@ -217,7 +170,7 @@ def pretrain(model: nn.Module, s: Settings) -> dict[str, Any]:
     synchronize(s.device)
     seconds = time.perf_counter() - start
     return dict(corpus=PRETRAIN_CORPUS, steps=s.pretrain_steps, lr=s.pretrain_lr,
-                val_loss_before=before, val_loss_after=evaluate(model, val, s), seconds=seconds)
+                val_loss_before=before, val_loss_after=evaluate(model, val, s.batch_size, s.device), seconds=seconds)
 
 
 # ---------------------------------------------------------------------------- fine-tuning
@@ -230,18 +183,14 @@ def make_optimizer(method: str, model: nn.Module, s: Settings) -> torch.optim.Op
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _nbytes(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.numel() * tensor.element_size()
-
-
 def optimizer_memory(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, int]:
     """Bytes of master weights, Adam moments and gradients, read right after ``step()``."""
     if isinstance(opt, mk.MISA):
         report = opt.memory_report()  # fine-tuning: no dense_* parameters
         memory = {key: report[key] for key in ("master_weights", "moments", "gradients")}
     else:
-        moments = sum(_nbytes(st.get(k)) for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
-        grads = sum(_nbytes(p.grad) for p in model.parameters())
+        moments = sum(nbytes(st.get(k)) for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+        grads = sum(nbytes(p.grad) for p in model.parameters())
         # torch AdamW updates the weights in place: it keeps no master copy.
         memory = dict(master_weights=0, moments=moments, gradients=grads)
     memory["total"] = sum(memory.values())
@@ -253,21 +202,16 @@ def trained_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.grad is not None)
 
 
-def eval_steps(s: Settings) -> set[int]:
-    """The fine-tuning steps after which the validation loss is measured."""
-    return {round(s.steps * (i + 1) / s.eval_points) for i in range(s.eval_points)}
-
-
 def finetune(base: nn.Module, method: str, data: tuple[Tensor, Tensor], s: Settings) -> tuple[dict, nn.Module, Any]:
     """Fine-tune a copy of ``base`` with ``method``; returns its metrics, model and optimizer."""
     train, val = data
     model = copy.deepcopy(base)
     opt = make_optimizer(method, model, s)
     # Same seed for both methods: both see exactly the same batches in the same order.
-    stream = batch_stream(train, s, seed=s.seed + 1)
-    before = evaluate(model, val, s)
+    stream = batch_stream(train, s.batch_size, s.device, seed=s.seed + 1)
+    before = evaluate(model, val, s.batch_size, s.device)
     curve, times, trained, memory = [[0, before]], [], 0, {"total": -1}
-    checkpoints = eval_steps(s)
+    checkpoints = eval_steps(s.steps, s.eval_points)
     start = time.perf_counter()
     for step in tqdm(range(1, s.steps + 1), desc=f"fine-tune {method:5s} ({FINETUNE_CORPUS})", disable=not s.progress):
         ids = next(stream)
@@ -282,7 +226,7 @@ def finetune(base: nn.Module, method: str, data: tuple[Tensor, Tensor], s: Setti
         memory = max(memory, optimizer_memory(opt, model), key=lambda m: m["total"])
         opt.zero_grad(set_to_none=True)
         if step in checkpoints:
-            curve.append([step, evaluate(model, val, s)])
+            curve.append([step, evaluate(model, val, s.batch_size, s.device)])
     metrics = dict(
         lr=s.lr if method == "misa" else s.adamw_lr, val_loss_before=before, val_loss_after=curve[-1][1],
         val_curve=curve, ms_per_step=1000 * statistics.median(times), optimizer_memory_bytes=memory["total"],
@@ -305,7 +249,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(s.seed)
     base = build_model(s)
     pretrain_metrics = pretrain(base, s)
-    data = load_corpus(FINETUNE_CORPUS, s)
+    data = corpus_rows(FINETUNE_CORPUS, s.seq_len, s.eval_rows)
     methods, misa_opt = {}, None
     for method in METHODS:
         methods[method], _, opt = finetune(base, method, data, s)
