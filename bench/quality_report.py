@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .common import read_json, write_json
 from .plots import matplotlib_available, plot_curves, plot_sampling_heatmap
@@ -57,7 +57,7 @@ def format_tables(results: dict[str, Any]) -> str:
 
 
 def write_outputs(results: dict[str, Any], out: Path, plots: bool = True,
-                  tables: Any = format_tables) -> list[Path]:
+                  tables: Callable[[dict[str, Any]], str] = format_tables) -> list[Path]:
     """``quality.json``, ``quality.md`` (``tables(results)``) and, with ``plots``, per task
     the best-lr loss curves and misa-3%'s sampling heatmap as PNG."""
     paths = [write_json(out / "quality.json", results)]
@@ -128,7 +128,7 @@ def _merge_row(kept: Optional[dict], new: dict) -> dict:
     if kept is None or kept.get("status") != "ok":
         return new
     sweep = {point["lr"]: point["final_val_loss"] for point in kept["sweep"] + new["sweep"]}
-    winner = min((kept, new), key=lambda row: _seed0_loss(row))
+    winner = min((kept, new), key=_seed0_loss)
     return dict(winner, sweep=[dict(lr=lr, final_val_loss=loss) for lr, loss in sorted(sweep.items())])
 
 
